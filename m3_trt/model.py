@@ -31,7 +31,10 @@ from .cache import LayerCache, StaticCache, write_idx, write_kv
 from .config import M3Config, TextConfig
 from .vision import Projector, VisionTower, vision_position_ids, vision_segment_ids
 
-KERNELS = ("reference", "torch", "triton")
+# reference: the readable spec; torch: linear-memory CPU path; triton: GPU kernels (interpreter on CPU);
+# portable: static shapes in standard ops (ONNX --plugins none); custom_op: one torch.library node
+# per plugin (ONNX --plugins m3).
+KERNELS = ("reference", "torch", "triton", "portable", "custom_op")
 
 
 # -- plugin dispatch ----------------------------------------------------------------------------
@@ -40,6 +43,13 @@ def _op(name: str, impl: str):
     """The public dispatcher of plugin ``name`` (imported lazily: triton kernels must not load early)."""
     import importlib
 
+    if impl == "portable":  # plain functions (no custom-op node), static shapes
+        try:
+            return getattr(importlib.import_module(f"m3_trt.plugins.{name}.portable"), f"{name}_portable")
+        except ModuleNotFoundError:  # the spec itself has static shapes
+            return getattr(importlib.import_module(f"m3_trt.plugins.{name}.reference"), f"{name}_reference")
+    if impl == "custom_op":  # the dispatchers run through torch.ops.m3.<name>: one node per plugin
+        impl = "torch"
     mod = importlib.import_module(f"m3_trt.plugins.{name}")
     fn = getattr(mod, name, None)
     if fn is None:  # the package only ships its reference so far
@@ -171,9 +181,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.indexer = Indexer(cfg) if sparse else None
 
-    def forward(self, x_BSD, cos, sin, pos_BS, cache: LayerCache | None):
+    def forward(self, x_BSD, cos, sin, pos_BS, cache: LayerCache | None, return_block_idx: bool = False):
+        """Attention output; with ``return_block_idx`` also the indexer's ``block_idx_BGSK`` (None on full layers)."""
         B, S, _ = x_BSD.shape
         c = self.cfg
+        block_idx = None
         D = c.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x_BSD).view(B, S, -1, D)).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x_BSD).view(B, S, -1, D)).transpose(1, 2), cos, sin)
@@ -197,7 +209,8 @@ class Attention(nn.Module):
                 local_blocks=c.index_local_blocks)
             out = _op("block_sparse_attention", self.kernels)(
                 q, k, v, block_idx, pos_BS, block_size=c.index_block_size, scale=scale)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        out = self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return (out, block_idx) if return_block_idx else out
 
 
 class DecoderLayer(nn.Module):
@@ -208,9 +221,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, pos_BS, cache: LayerCache | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos_BS, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, pos_BS, cache: LayerCache | None = None, return_block_idx: bool = False):
+        a, block_idx = self.self_attn(self.input_layernorm(x), cos, sin, pos_BS, cache, return_block_idx=True)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, block_idx) if return_block_idx else x
 
 
 class TextModel(nn.Module):

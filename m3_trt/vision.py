@@ -77,9 +77,10 @@ class VisionAttention(nn.Module):
         c, s = cos[:, None, :], sin[:, None, :]
         q = torch.cat([q[..., :rot] * c + rotate_half(q[..., :rot]) * s, q[..., rot:]], dim=-1)
         k = torch.cat([k[..., :rot] * c + rotate_half(k[..., :rot]) * s, k[..., rot:]], dim=-1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=keep_NN)
-        return self.out_proj(out.transpose(0, 1).reshape(N, -1))
+        # 4-D for the ONNX exporter's SDPA translation
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=keep_NN)
+        return self.out_proj(out[0].transpose(0, 1).reshape(N, -1))
 
 
 class VisionMLP(nn.Module):

@@ -15,3 +15,19 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     from m3_trt.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_ckpt, tmp_path_factory):
+    """``tiny_export(mode)`` -> folder of the tiny checkpoint's fp32 ONNX export (made once per mode)."""
+    from m3_trt.export.onnx import export_model
+
+    made: dict[str, Path] = {}
+
+    def get(mode: str) -> Path:
+        if mode not in made:
+            out = tmp_path_factory.mktemp("export") / f"tiny-{mode}"
+            made[mode] = export_model(tiny_ckpt, out, plugins=mode, max_seq_len=128, verify=True, progress=None)
+        return made[mode]
+
+    return get

@@ -19,6 +19,9 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("incremental_decode", "fp32"): 1e-5,
     ("fp8_dequant", "fp32"): 0.0,  # same arithmetic as transformers: exact
     ("kernel", "fp32"): 1e-5,
+    # bf16 kernels judged against the fp32 reference on the same bf16 inputs; the reference itself
+    # lands at ~4e-3 there, Triton under the interpreter at ~1.1e-2 (its fp32->bf16 casts truncate).
+    ("kernel", "bf16"): 2e-2,
     ("onnx_component", "fp32"): 1e-5,
     ("onnx_component", "fp16"): 2e-2,
     ("onnx_component", "bf16"): 2e-2,
@@ -43,3 +46,9 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, stage: str, dtype: str = 
     err = rel_err(out, ref)
     assert err <= tol, f"{what or stage}: relative error {err:.3e} > {tol:.1e} (max-abs {max_abs(out, ref):.3e})"
     return err
+
+# FP8 top-1 agreement reached on the *tiny random* checkpoint (tests/engines/test_quant.py): its
+# logits have small top-1 margins (median 0.13 vs logit std 0.8), so bf16 itself agrees with fp32
+# on only 92-95% of positions and FP8 E4M3 (3 mantissa bits) with bf16 on 83-89%. The 0.95 bound
+# above is NOT met on this checkpoint; this row guards against regressions of the FP8 path.
+FP8_TOP1_AGREEMENT_TINY = 0.80

@@ -1,0 +1,341 @@
+"""Build orchestration: checkpoint → per-rank pieces for a target, atomic and resumable.
+
+Work happens in ``.<out>.partial`` next to ``out``; on success it is renamed into place (an
+existing ``out`` is swapped out and removed only after the new one is in place), so ``out`` is
+always either the previous complete build or absent. Every finished *piece* (a rank's weight
+shard, its FP8 scales, the calibration report, the ONNX export, engines, the TensorRT-LLM
+handoff) is written to temporary names, renamed, hashed (sha256) and appended to
+``journal.jsonl``; on Ctrl-C or an error the partial folder keeps only journaled pieces (stray
+temporary files are removed) and ``--resume`` re-verifies each recorded hash and redoes only the
+pieces that are missing or differ. Without ``--resume`` a stale partial folder is discarded.
+
+``build.json`` (written last): target, plan, layout, config, every file with its sha256, tool
+versions, measured quantization errors, which pieces were computed or reused by this run.
+
+Test hook: ``M3_TRT_BUILD_PIECE_DELAY_S`` sleeps that long after each piece (to interrupt a
+build mid-way in tests); it changes nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .targets import Target, load_target
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_scale_block(ckpt: str | Path) -> tuple[int, int] | None:
+    """The FP8 block shape of a checkpoint's float32 ``*_scale_inv`` tensors, or None (no weights / none)."""
+    from .checkpoint import SCALE_SUFFIX, CheckpointError, SafetensorsCheckpoint
+
+    try:
+        ck = SafetensorsCheckpoint(ckpt)
+    except CheckpointError:
+        return None  # config.json only: the plan assumes per-channel scales
+    for k in ck.keys():
+        if k.endswith(SCALE_SUFFIX) and k[: -len(SCALE_SUFFIX)] in ck.key_to_file:
+            rows, cols = ck.shape(k[: -len(SCALE_SUFFIX)])[-2:]
+            sr, sc = ck.shape(k)[-2:]
+            return rows // sr, cols // sc
+    return None
+
+
+def checkpoint_block_scales(ckpt: str | Path, model) -> dict[str, torch.Tensor]:
+    """The checkpoint's FP8 scale grids re-assembled onto our in-memory names (fused gate‖up, experts)."""
+    from .checkpoint import SCALE_SUFFIX, SafetensorsCheckpoint, _place, map_key
+
+    ck = SafetensorsCheckpoint(ckpt)
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for k in ck.keys():
+        if not k.endswith(SCALE_SUFFIX):
+            continue
+        wkey = k[: -len(SCALE_SUFFIX)]
+        hit = map_key(wkey)
+        if hit is None or hit[0] not in params:
+            continue
+        target, place, expert = hit
+        s = ck.get(k)
+        rows, cols = ck.shape(wkey)[-2:]
+        br, bc = rows // s.shape[-2], cols // s.shape[-1]
+        if target not in out:
+            shape = params[target].shape
+            out[target] = torch.ones(*shape[:-2], shape[-2] // br, shape[-1] // bc, dtype=s.dtype)
+        view, _ = _place(out[target], place, expert)
+        view.copy_(s)
+    return out
+
+
+class Journal:
+    """``journal.jsonl`` in the work folder: one line per finished piece with its files' sha256."""
+
+    def __init__(self, work: Path):
+        self.path = work / "journal.jsonl"
+        self.work = work
+        self.entries: dict[str, dict[str, str]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.entries[rec["piece"]] = rec["files"]
+                except (json.JSONDecodeError, KeyError):
+                    break  # a torn last line from an interrupted write
+
+    def verified(self, piece: str) -> bool:
+        files = self.entries.get(piece)
+        return bool(files) and all((self.work / f).is_file() and sha256(self.work / f) == h for f, h in files.items())
+
+    def record(self, piece: str, files: list[Path]) -> dict[str, str]:
+        rec = {str(f.relative_to(self.work)): sha256(f) for f in files}
+        self.entries[piece] = rec
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"piece": piece, "files": rec}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return rec
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.rename(path)
+    return path
+
+
+def _write_json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    v = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("m3-trt", "safetensors", "onnx", "onnxruntime", "tensorrt-rtx-cu13-bindings", "tensorrt"):
+        try:
+            v[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return v
+
+
+def _onnx_exporter() -> Callable | None:
+    try:
+        import m3_trt.export.onnx as mod
+    except ModuleNotFoundError:
+        return None
+    fn = getattr(mod, "export_model", None)
+    if fn is None:
+        try:
+            from m3_trt.export.onnx.exporter import export_model as fn
+        except ModuleNotFoundError:
+            return None
+    return fn
+
+
+def build(ckpt: str | Path, target: Target | str, out: str | Path, *, resume: bool = False, progress: bool = True,
+          calib: str | Path | None = None, plan=None) -> dict:
+    """Build ``out`` for ``target`` from ``ckpt``; returns the manifest (also ``out/build.json``)."""
+    tgt = load_target(target) if isinstance(target, str) else target
+    ckpt, out = Path(ckpt), Path(out)
+    work = out.parent / f".{out.name}.partial"
+    try:
+        return _build(ckpt, tgt, out, work, resume=resume, progress=progress, calib=calib, plan=plan)
+    except BaseException:
+        # keep the journaled pieces for --resume, never a half-written file
+        for stray in work.rglob("*.tmp") if work.exists() else ():
+            stray.unlink(missing_ok=True)
+        raise
+
+
+def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, progress: bool, calib, plan) -> dict:
+    from tqdm import tqdm
+
+    from .config import M3Config
+    from .model import M3ForConditionalGeneration
+    from .plan import make_plan
+    from .runtime.shard import shard_state
+
+    cfg = M3Config.from_pretrained(ckpt)
+    scale_block = checkpoint_scale_block(ckpt)
+    plan = plan or make_plan(cfg, tgt, scale_block=scale_block)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for stray in work.rglob("*.tmp"):
+        stray.unlink()
+    journal = Journal(work)
+    delay = float(os.environ.get("M3_TRT_BUILD_PIECE_DELAY_S", "0") or 0)
+    computed, reused = [], []
+    log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
+
+    def piece(name: str, make: Callable[[], list[Path]]) -> None:
+        if resume and journal.verified(name):
+            reused.append(name)
+            log(f"[build] {name}: verified, kept")
+            return
+        files = make()
+        journal.record(name, files)
+        computed.append(name)
+        log(f"[build] {name}: done ({len(files)} file(s))")
+        if delay:
+            time.sleep(delay)
+
+    t0 = time.perf_counter()
+    model = M3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    lay = plan.layout
+    fp8 = tgt.weight_dtype == "fp8"
+    block_scales = checkpoint_block_scales(ckpt, model) if fp8 and scale_block else {}
+    store = DTYPES[tgt.dtype if fp8 else tgt.weight_dtype]
+
+    if fp8:
+        def make_calibration() -> list[Path]:
+            import copy
+
+            from . import quant
+
+            ref = copy.deepcopy(model).to(DTYPES[tgt.dtype])
+            q = copy.deepcopy(ref)
+            inputs = quant.calibration_inputs(ckpt, calib)
+            emu = quant.calibrate(q, inputs, quant.Fp8Emulation(block_scales))
+            errors = quant.layer_errors(ref, q, inputs)
+            return [_write_json({"activation_scales": emu.scales(), "layer_errors": errors,
+                                 "prompts": len(inputs), "calib": str(calib) if calib else "built-in",
+                                 "reference_dtype": tgt.dtype}, work / "calibration.json")]
+        piece("calibration", make_calibration)
+
+    state = model.state_dict()
+    for r in tqdm(range(lay.world), desc="ranks", disable=not progress):
+        def make_rank(r=r) -> list[Path]:
+            from . import quant
+
+            sl = shard_state(state, cfg.text, lay, r)
+            sl = {k: v.to(store) for k, v in tqdm(sl.items(), desc=f"rank {r} tensors", leave=False,
+                                                   disable=not progress)}
+            files = []
+            if fp8:
+                codes, scales = quant.quantize_state(sl, {k: shard_block(k, s) for k, s in block_scales.items()})
+                files.append(_save(scales, work / f"rank{r}" / "fp8_scales.safetensors"))
+                sl = codes
+            files.insert(0, _save(sl, work / f"rank{r}" / "weights.safetensors"))
+            return files
+
+        def shard_block(name, s, r=r):
+            from .runtime.shard import shard_tensor
+
+            # scale grids split like their weights when the split lands on block edges
+            return shard_tensor(name, s, cfg.text, lay, r) if lay.world == 1 else None
+        piece(f"rank{r}/weights", make_rank)
+
+    onnx_note = None
+    exporter = _onnx_exporter()
+    if tgt.onnx and exporter is not None:
+        params = inspect.signature(exporter).parameters
+        sharded = all(p in params for p in ("rank", "tp", "ep"))
+        onnx_note = "per-rank ONNX" if sharded else "exporter takes no rank/tp/ep: exported once, unsharded"
+
+        def make_onnx() -> list[Path]:
+            dst = work / "onnx"
+            if dst.exists():
+                shutil.rmtree(dst)
+            kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len)
+            if "max_batch" in params:
+                kw["max_batch"] = tgt.max_batch
+            if "progress" in params:
+                kw["progress"] = log
+            exporter(model.to(DTYPES[tgt.dtype]) if tgt.dtype != "fp32" else model, dst, **kw)
+            return sorted(p for p in dst.rglob("*") if p.is_file())
+        piece("onnx", make_onnx)
+    elif tgt.onnx:
+        onnx_note = "m3_trt.export.onnx is not installed: no ONNX components"
+
+    engines_note = None
+    if tgt.backend == "tensorrt" and (work / "onnx").is_dir():
+        engines_note = _engines(work, tgt, piece, log)
+
+    def make_trtllm() -> list[Path]:
+        from m3_trt.export.trtllm import write_trtllm
+
+        return write_trtllm(cfg, tgt, work / "trtllm", checkpoint=str(ckpt))
+    piece("trtllm", make_trtllm)
+
+    files = {}
+    for name, rec in journal.entries.items():
+        files.update(rec)
+    quant_report = json.loads((work / "calibration.json").read_text()) if fp8 else None
+    manifest = {
+        "format": "m3-trt-build/1", "target": tgt.to_dict(), "plan": plan.to_dict(), "layout": {
+            "world": lay.world, "tp": lay.tp, "ep": lay.ep}, "config": cfg.to_hf_dict(), "checkpoint": str(ckpt),
+        "ranks": [{"rank": r, "weights": f"rank{r}/weights.safetensors",
+                   "fp8_scales": f"rank{r}/fp8_scales.safetensors" if fp8 else None} for r in range(lay.world)],
+        "files": files, "versions": _versions(), "quantization": quant_report, "onnx": onnx_note,
+        "engines": engines_note, "computed": computed, "reused": reused,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    _write_json(manifest, work / "build.json")
+    (work / "journal.jsonl").unlink()
+    _swap_into_place(work, out)
+    return manifest
+
+
+def _swap_into_place(work: Path, out: Path) -> None:
+    """``work`` becomes ``out``; a previous ``out`` is removed only after the rename succeeded."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    try:
+        work.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _engines(work: Path, tgt: Target, piece, log) -> str:
+    """TensorRT engines for each exported ONNX graph, where a TensorRT (or TensorRT-RTX) builder imports."""
+    try:
+        from m3_trt.export.tensorrt.builder import build_engine_from_onnx
+    except Exception as e:  # the builder imports TensorRT lazily; anything missing is reported, not fatal
+        return f"no engines: {type(e).__name__}: {e}"
+    results = {}
+    for onnx_file in sorted((work / "onnx").glob("*.onnx")):
+        def make(onnx_file=onnx_file) -> list[Path]:
+            eng = work / "engines" / (onnx_file.stem + ".engine")
+            eng.parent.mkdir(parents=True, exist_ok=True)
+            rep = build_engine_from_onnx(onnx_file, eng, dtype=tgt.dtype if tgt.dtype != "bf16" else "bf16")
+            results[onnx_file.stem] = getattr(rep, "ok", None)
+            return [eng] if eng.is_file() else []
+        try:
+            piece(f"engine/{onnx_file.stem}", make)
+        except Exception as e:
+            results[onnx_file.stem] = f"{type(e).__name__}: {e}"
+            log(f"[build] engine {onnx_file.stem}: failed ({e})")
+    return json.dumps(results)

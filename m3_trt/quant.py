@@ -1,0 +1,270 @@
+"""FP8 (E4M3) quantization: weight scales, activation calibration, an emulated forward, error report.
+
+* Weights (the tensors :func:`m3_trt.plan.is_fp8_weight` names: decoder-layer Linear weights and
+  experts, not the router): the checkpoint's own block scales are kept where it has them (the
+  weight is re-coded with exactly those scales, so a native FP8 checkpoint round-trips bit for
+  bit); otherwise one fp32 scale per output channel, ``amax(row) / 448``. Scales are stored as
+  ``[..., rows, 1]`` (per channel) or the block grid, so :func:`m3_trt.checkpoint.dequantize_fp8`
+  reads both.
+* Activations: per-tensor scales ``amax / 448`` of every quantized matmul's input, measured on a
+  calibration set (a built-in text + image prompt set, or a ``--calib`` jsonl of
+  ``{"text": ..., "image": path?}``). Expert inputs share one scale per layer for ``gate_up`` and
+  one for ``down`` (what a grouped FP8 GEMM takes).
+* :class:`Fp8Emulation` runs the torch reference with every quantized matmul's weight *and*
+  input passed through quantize → dequantize (FP8 values, fp32 scales), in the model's dtype.
+  Attention score/value products and the KV cache stay in the activation dtype (not emulated).
+* :func:`layer_errors`: per decoder layer, the relative error the FP8 layer adds given the bf16
+  reference's input to that layer (``isolated``), and the error of the hidden state after that
+  layer when the whole model runs in FP8 (``cumulative``) — both against the bf16 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import dequantize_fp8
+from .plan import is_fp8_weight
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+def quantize_weight(w: torch.Tensor, scale_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes E4M3, scale fp32)`` with ``w ≈ dequantize_fp8(codes, scale)``; keeps given block scales."""
+    w = w.float()
+    if scale_inv is None:
+        scale = (w.abs().amax(dim=-1, keepdim=True) / E4M3_MAX).clamp_min(1e-12)  # [..., rows, 1]
+        return (w / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+    rows, cols = w.shape[-2:]
+    s = scale_inv.float() if scale_inv.dtype != torch.uint8 else (scale_inv.float() - 127).exp2()
+    sr, sc = s.shape[-2:]
+    full = s.repeat_interleave(rows // sr, dim=-2).repeat_interleave(cols // sc, dim=-1)
+    return (w / full).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale_inv
+
+
+def qdq_weight(w: torch.Tensor, scale_inv: torch.Tensor | None = None) -> torch.Tensor:
+    q, s = quantize_weight(w, scale_inv)
+    return dequantize_fp8(q, s, w.dtype)
+
+
+def quantize_state(state: dict[str, torch.Tensor], block_scales: dict[str, torch.Tensor] | None = None,
+                   progress=None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FP8 codes for the quantized tensors (others unchanged) and ``{name + "_scale_inv": scale}``."""
+    out, scales = {}, {}
+    for k, v in state.items():
+        if is_fp8_weight(k, v):
+            out[k], scales[k + "_scale_inv"] = quantize_weight(v, (block_scales or {}).get(k))
+        else:
+            out[k] = v
+        if progress:
+            progress(k)
+    return out, scales
+
+
+def dequantize_state(state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: dequantize_fp8(v, scales[k + "_scale_inv"], torch.float32, name=k) if k + "_scale_inv" in scales else v
+            for k, v in state.items()}
+
+
+# -- activations --------------------------------------------------------------------------------
+
+def qdq_act(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return ((x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale).to(x.dtype)
+
+
+def _emulated_moe_forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    """The reference expert loop with FP8 QDQ on the expert inputs (``self._fp8`` holds the state)."""
+    from m3_trt.plugins.swiglu_moe.reference import route, swiglu_oai
+
+    emu, name = self._fp8
+    B, S, D = x_BSD.shape
+    c = self.cfg
+    x = x_BSD.reshape(-1, D)
+    weights, experts = route(x, self.gate.weight, self.gate.e_score_correction_bias, c.num_experts_per_tok)
+    xq = emu.act(name + ".experts.gate_up_proj", x)
+    out = torch.zeros_like(x)
+    for e in range(self.experts.gate_up_proj.shape[0]):
+        tok, slot = torch.where(experts == e)
+        if tok.numel() == 0:
+            continue
+        h = swiglu_oai(F.linear(xq[tok], self.experts.gate_up_proj[e]), alpha=c.swiglu_alpha, limit=c.swiglu_limit)
+        h = emu.act(name + ".experts.down_proj", h)
+        out.index_add_(0, tok, (F.linear(h, self.experts.down_proj[e]) * weights[tok, slot, None]).to(out.dtype))
+    out = out * c.routed_scaling_factor + self.shared_experts(x)
+    return out.reshape(B, S, D)
+
+
+class Fp8Emulation:
+    """Calibrate (``observe``) then emulate (``quantize``) FP8 on a model's quantized matmuls in place.
+
+    ``attach(model)`` replaces the quantized weights by their QDQ values and hooks every input;
+    ``amax`` maps each weight name to the largest input magnitude seen while observing.
+    """
+
+    def __init__(self, block_scales: dict[str, torch.Tensor] | None = None):
+        self.mode = "observe"
+        self.amax: dict[str, float] = {}
+        self.block_scales = block_scales or {}
+
+    def act(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "observe":
+            self.amax[name] = max(self.amax.get(name, 0.0), float(x.detach().abs().max()) if x.numel() else 0.0)
+            return x
+        return qdq_act(x, self.scale(name))
+
+    def scale(self, name: str) -> float:
+        if name not in self.amax:
+            raise RuntimeError(f"no calibration data for {name} (was it reached by the calibration prompts?)")
+        return max(self.amax[name], 1e-12) / E4M3_MAX
+
+    def attach(self, model: nn.Module) -> "Fp8Emulation":
+        from .model import MoE
+
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if is_fp8_weight(name, p):
+                    p.copy_(qdq_weight(p, self.block_scales.get(name)))
+        for name, m in model.named_modules():
+            if not name.startswith("model.language_model.layers."):
+                continue
+            if isinstance(m, MoE):
+                m._fp8 = (self, name)
+                m.forward = types.MethodType(_emulated_moe_forward, m)
+            elif isinstance(m, nn.Linear) and ".mlp.gate" not in name:
+                m.register_forward_pre_hook(lambda mod, args, _n=name + ".weight": (self.act(_n, args[0]),))
+        return self
+
+    def scales(self) -> dict[str, float]:
+        return {k: self.scale(k) for k in sorted(self.amax)}
+
+
+# -- calibration prompts ------------------------------------------------------------------------
+
+BUILTIN_PROMPTS = (
+    "Describe the picture in one sentence.",
+    "What colours do you see, and where are they?",
+    "Write a short poem about the sea.",
+    "Explain how a transformer language model generates text.",
+    "List three prime numbers larger than one hundred.",
+    "Translate 'good morning' into French and German.",
+)
+
+
+def _builtin_image(seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = 56, 84
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    rgb = torch.stack([xx, yy, 0.5 + 0.5 * torch.sin(6 * xx + 3 * yy)]) + 0.1 * torch.rand(3, h, w, generator=g)
+    return Image.fromarray((rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
+
+
+def calibration_inputs(ckpt: str | Path, calib: str | Path | None = None) -> list[dict]:
+    """Model inputs (``input_ids`` + optional ``pixel_values``/``image_grid_thw``) for calibration.
+
+    Built-in: the text prompts above, every other one with a synthetic gradient image. ``calib``:
+    a jsonl file, one ``{"text": str, "image": path (optional)}`` per line.
+    """
+    from PIL import Image
+
+    from .processing import M3Processor
+
+    proc = M3Processor.from_pretrained(ckpt)
+    items: list[tuple[str, object]] = []
+    if calib is None:
+        items = [(t, _builtin_image(i) if i % 2 == 0 else None) for i, t in enumerate(BUILTIN_PROMPTS)]
+    else:
+        for n, line in enumerate(Path(calib).read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                text = rec["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{calib}:{n + 1}: expected a JSON object with a 'text' field") from None
+            img = Image.open(Path(calib).parent / rec["image"]).convert("RGB") if rec.get("image") else None
+            items.append((text, img))
+        if not items:
+            raise ValueError(f"{calib}: no calibration prompts")
+    out = []
+    for text, img in items:
+        content = ([{"type": "image"}] if img is not None else []) + [{"type": "text", "text": text}]
+        chat = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        enc = proc(chat, images=[img] if img is not None else None)
+        out.append({k: enc[k] for k in ("input_ids", "pixel_values", "image_grid_thw") if k in enc})
+    return out
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, inputs: list[dict], emu: Fp8Emulation | None = None) -> Fp8Emulation:
+    """Attach an :class:`Fp8Emulation` to ``model`` and record input amax over ``inputs``."""
+    emu = (emu or Fp8Emulation()).attach(model)
+    emu.mode = "observe"
+    for inp in inputs:
+        model(**inp)
+    emu.mode = "quantize"
+    return emu
+
+
+@torch.no_grad()
+def layer_errors(ref: nn.Module, fp8: nn.Module, inputs: list[dict]) -> list[dict]:
+    """Per decoder layer: ``isolated`` and ``cumulative`` relative error of FP8 vs the reference."""
+    from .model import rope_cos_sin
+
+    n = ref.config.text.num_hidden_layers
+    num_iso, num_cum, den = [0.0] * n, [0.0] * n, [0.0] * n
+    for inp in inputs:
+        _, _, h_ref = ref(**inp, return_hidden=True)
+        _, _, h_q = fp8(**inp, return_hidden=True)
+        S = h_ref[0].shape[1]
+        pos = torch.arange(S)[None]
+        cos, sin = rope_cos_sin(pos, ref.config.text, h_ref[0].dtype)
+        for i in range(n):
+            iso = fp8.model.language_model.layers[i](h_ref[i], cos, sin, pos, None)
+            den[i] += float(h_ref[i + 1].double().norm() ** 2)
+            num_iso[i] += float((iso.double() - h_ref[i + 1].double()).norm() ** 2)
+            num_cum[i] += float((h_q[i + 1].double() - h_ref[i + 1].double()).norm() ** 2)
+    return [{"layer": i, "variant": ref.config.text.layer_variant(i), "isolated": (num_iso[i] / den[i]) ** 0.5,
+             "cumulative": (num_cum[i] / den[i]) ** 0.5} for i in range(n)]
+
+
+# -- streaming conversion -----------------------------------------------------------------------
+
+def convert_shards_fp8(src: str | Path, dst: str | Path, *, min_dims: int = 2, progress=None) -> dict:
+    """Quantize every ``>= min_dims``-D floating tensor of each ``*.safetensors`` in ``src`` to E4M3
+    (per output channel) into ``dst``, one shard and one tensor at a time (memory-mapped reads).
+
+    Peak memory stays near one shard's output plus one tensor's fp32 copy, never the checkpoint.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    n_in = n_out = 0
+    for shard in sorted(src.glob("*.safetensors")):
+        out: dict[str, torch.Tensor] = {}
+        with safe_open(str(shard), framework="pt") as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                n_in += t.numel() * t.element_size()
+                if t.is_floating_point() and t.dim() >= min_dims:
+                    out[k], out[k + "_scale_inv"] = quantize_weight(t)
+                else:
+                    out[k] = t
+                del t
+                if progress:
+                    progress(k)
+        save_file(out, str(dst / shard.name), metadata={"format": "pt"})
+        n_out += sum(v.numel() * v.element_size() for v in out.values())
+        del out
+    return {"bytes_in": n_in, "bytes_out": n_out}

@@ -1,0 +1,177 @@
+"""One rank of the reference model, built from the reference's own blocks on sliced weights.
+
+``RankModel`` subclasses :class:`m3_trt.model.M3ForConditionalGeneration` and keeps its parameter
+names (sliced per :mod:`.shard`), its ``forward`` (embedding, RoPE, the layer loop, final norm, LM
+head), ``embed`` / vision path and ``generate`` compatibility; only the decoder layers differ:
+
+* attention: the reference ``Attention`` built for the rank's heads (a config with ``Hq/tp`` query
+  heads, the rank's KV heads and as many indexer heads); ``o_proj`` holds the rank's columns, so
+  its output is a partial sum → **all-reduce** (when ``tp > 1``);
+* dense MLP / shared expert: ``DenseMLP`` with the rank's slice of the gate‖up rows and the
+  matching ``down_proj`` columns → partial sum → all-reduce;
+* routed experts (``RankMoE``): the router is replicated, so every rank computes the same top-k
+  choice for every token; each rank applies only its contiguous expert range (and its slice of
+  each expert's intermediate dimension) and the partial outputs are combined by one
+  **all-reduce**. This is the documented first version of dispatch/combine: every rank already
+  holds every token after the attention all-reduce, so no token moves before the experts; an
+  all-to-all dispatch (tokens sent to the ranks owning their experts) is the bandwidth-saving
+  replacement for large batches;
+* embedding, vision tower, projector, final norm and LM head are replicated.
+
+All ranks produce identical logits, so greedy decoding stays in lock-step without a broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..cache import StaticCache
+from ..config import M3Config, TextConfig
+from ..model import Attention, DenseMLP, M3ForConditionalGeneration, RMSNorm, Router
+from ..vision import Projector, VisionTower
+from .shard import Layout, check_divisible, local_experts, local_heads, shard_state
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x)
+    return x
+
+
+def local_text_config(cfg: TextConfig, lay: Layout, r: int) -> TextConfig:
+    """The attention shape of rank ``r`` (everything else unchanged)."""
+    q, kv = local_heads(cfg, lay, r)
+    return replace(cfg, num_attention_heads=len(q), num_key_value_heads=len(kv), index_n_heads=len(kv))
+
+
+class RankExperts(nn.Module):
+    def __init__(self, n_experts: int, inter: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter, hidden))  # w13_EFD, local experts
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))          # w2_EDF
+
+
+class RankMoE(nn.Module):
+    """Replicated router, the rank's expert range, partial outputs combined by all-reduce."""
+
+    def __init__(self, cfg: TextConfig, lay: Layout, r: int):
+        super().__init__()
+        self.cfg, self.lay = cfg, lay
+        self.experts_range = local_experts(cfg, lay, r)
+        self.gate = Router(cfg)
+        self.experts = RankExperts(len(self.experts_range), cfg.intermediate_size // lay.moe_tp, cfg.hidden_size)
+        self.shared_experts = DenseMLP(cfg, cfg.shared_intermediate_size // lay.tp)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        from m3_trt.plugins.swiglu_moe.reference import route, swiglu_oai
+
+        B, S, D = x_BSD.shape
+        c = self.cfg
+        x = x_BSD.reshape(-1, D)
+        weights_TK, experts_TK = route(x, self.gate.weight, self.gate.e_score_correction_bias, c.num_experts_per_tok)
+        out = torch.zeros_like(x)
+        for j, e in enumerate(self.experts_range):
+            tok, slot = torch.where(experts_TK == e)
+            if tok.numel() == 0:
+                continue
+            h = swiglu_oai(F.linear(x[tok], self.experts.gate_up_proj[j]), alpha=c.swiglu_alpha, limit=c.swiglu_limit)
+            out.index_add_(0, tok, (F.linear(h, self.experts.down_proj[j]) * weights_TK[tok, slot, None]).to(out.dtype))
+        out = out * c.routed_scaling_factor
+        if self.lay.tp > 1:  # sharded shared expert: its partial sum rides on the same all-reduce
+            out = out + self.shared_experts(x)
+        if self.lay.world > 1:
+            out = _all_reduce(out)
+        if self.lay.tp == 1:
+            out = out + self.shared_experts(x)
+        return out.reshape(B, S, D)
+
+
+class RankDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, local: TextConfig, i: int, lay: Layout, r: int):
+        super().__init__()
+        self.tp = lay.tp
+        self.self_attn = Attention(local, sparse=cfg.layer_types[i] == "minimax_m3_sparse")
+        self.mlp = (RankMoE(cfg, lay, r) if cfg.mlp_layer_types[i] == "sparse"
+                    else DenseMLP(cfg, cfg.dense_intermediate_size // lay.tp))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, pos_BS, cache=None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, pos_BS, cache)
+        if self.tp > 1:
+            a = _all_reduce(a)
+        x = x + a
+        m = self.mlp(self.post_attention_layernorm(x))
+        if self.tp > 1 and isinstance(self.mlp, DenseMLP):
+            m = _all_reduce(m)
+        return x + m
+
+
+class RankModel(M3ForConditionalGeneration):
+    """Rank ``rank`` of ``layout``; same names/forward as the reference, sliced weights."""
+
+    def __init__(self, cfg: M3Config, layout: Layout, rank: int):
+        nn.Module.__init__(self)
+        check_divisible(cfg.text, layout)
+        self.config, self.layout, self.rank = cfg, layout, rank
+        self.local_text = local_text_config(cfg.text, layout, rank)
+        t = cfg.text
+        inner = nn.Module()
+        inner.vision_tower = VisionTower(cfg.vision)
+        inner.multi_modal_projector = Projector(cfg)
+        lm = nn.Module()
+        lm.cfg = t
+        lm.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        lm.layers = nn.ModuleList(RankDecoderLayer(t, self.local_text, i, layout, rank)
+                                  for i in range(t.num_hidden_layers))
+        lm.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        inner.language_model = lm
+        self.model = inner
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+
+    @classmethod
+    def from_state(cls, cfg: M3Config, layout: Layout, rank: int, state: dict[str, torch.Tensor],
+                   dtype: torch.dtype = torch.float32, kernels: str = "reference") -> "RankModel":
+        with torch.device("meta"):
+            m = cls(cfg, layout, rank)
+        m = m.to_empty(device="cpu")
+        missing, unexpected = m.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"rank {rank} weights do not match {layout.name()}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return m.to(dtype).eval().set_kernels(kernels)
+
+    @classmethod
+    def from_full(cls, model: M3ForConditionalGeneration, layout: Layout, rank: int, **kw) -> "RankModel":
+        state = shard_state(model.state_dict(), model.config.text, layout, rank)
+        return cls.from_state(model.config, layout, rank, {k: v.clone() for k, v in state.items()}, **kw)
+
+    def new_cache(self, batch: int, max_len: int) -> StaticCache:
+        return StaticCache.allocate(self.local_text, batch, max_len, dtype=self.lm_head.weight.dtype,
+                                    device=self.lm_head.weight.device)
+
+
+def load_rank(build_dir: str | Path, rank: int, kernels: str = "reference") -> RankModel:
+    """Rank ``rank`` of a ``build-engine`` output (``rank<r>/weights.safetensors`` + ``build.json``)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    build_dir = Path(build_dir)
+    manifest = json.loads((build_dir / "build.json").read_text())
+    cfg = M3Config.from_dict(manifest["config"])
+    lay = Layout(**manifest["layout"])
+    state = load_file(str(build_dir / f"rank{rank}" / "weights.safetensors"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest["target"]["dtype"]]
+    scales = build_dir / f"rank{rank}" / "fp8_scales.safetensors"
+    if scales.is_file():  # FP8 build: weights are stored as E4M3 codes + scales
+        from ..quant import dequantize_state
+
+        state = dequantize_state(state, load_file(str(scales)))
+    return RankModel.from_state(cfg, lay, rank, {k: v.float() for k, v in state.items()}, dtype=dtype,
+                                kernels=kernels)

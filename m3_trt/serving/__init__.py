@@ -1,0 +1,6 @@
+"""Triton serving for M3-VL: repository generator, server launcher, gRPC client.
+
+Modules: ``repository`` (write_repository), ``server`` (TritonServer, serve), ``client``
+(M3Client), ``pipeline`` (the steps as library code), ``triton_glue`` (python-backend helpers),
+``cli`` (command functions). Nothing is imported here, so importing the package is free.
+"""

@@ -1,0 +1,88 @@
+"""``m3-trt`` serving commands as plain functions (the lead wires them into ``m3_trt.cli``).
+
+    m3-trt triton-repo BUILD_OR_CKPT --out REPO [--backend torch] [--instances N]
+    m3-trt serve REPO [--grpc-port P] [--http-port P]
+    m3-trt client --url HOST:PORT --prompt TEXT [--image FILE ...] [--stream] [--max-tokens N]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["cmd_triton_repo", "cmd_serve", "cmd_client"]
+
+
+def cmd_triton_repo(source: Path, out: Path, backend: str = "torch", instances: int = 1, *,
+                    bls: bool = True, max_input_len: int = 4096, max_pixels: int = 16 * 1024 * 1024,
+                    overwrite: bool = False) -> int:
+    from .repository import write_repository
+
+    print(f"triton-repo: source={source} out={out} backend={backend} instances={instances} bls={bls} "
+          f"max_input_len={max_input_len} max_pixels={max_pixels}")
+    path = write_repository(source, out, backend=backend, instances=instances, bls=bls,
+                            max_input_len=max_input_len, max_pixels=max_pixels, overwrite=overwrite)
+    print(f"wrote {path} (see {path / 'README.md'})")
+    return 0
+
+
+def cmd_serve(repo: Path, grpc_port: int | None = None, http_port: int | None = None,
+              metrics_port: int | None = None) -> int:
+    from .server import serve
+
+    print(f"serve: repo={repo} grpc_port={grpc_port or 8001} http_port={http_port or 8000}", flush=True)
+    return serve(repo, grpc_port, http_port, metrics_port)
+
+
+def cmd_client(url: str, prompt: str, images: list[Path] = (), stream: bool = False, max_tokens: int = 32, *,
+               model: str = "ensemble", temperature: float = 0.0, seed: int | None = None) -> int:
+    from .client import M3Client, M3ClientError
+
+    blobs = [Path(p).read_bytes() for p in images]
+    t0 = time.perf_counter()
+    try:
+        for piece in M3Client(url, model).stream(prompt, blobs, stream=stream, max_tokens=max_tokens,
+                                                 temperature=temperature, seed=seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except M3ClientError as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    print(f"\n[{model} at {url}: {time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``triton-repo``, ``serve`` and ``client`` to the ``m3-trt`` command line."""
+    s = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
+    s.add_argument("source", type=Path, help="a checkpoint (or a build-engine output folder)")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
+    s.add_argument("--instances", type=int, default=1)
+    s.add_argument("--no-bls", action="store_true", help="only the ensemble, not the BLS alternative")
+    s.add_argument("--max-input-len", type=int, default=4096)
+    s.add_argument("--max-pixels", type=int, default=16 * 1024 * 1024)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=lambda a: cmd_triton_repo(a.source, a.out, a.backend, a.instances, bls=not a.no_bls,
+                                                max_input_len=a.max_input_len, max_pixels=a.max_pixels,
+                                                overwrite=a.overwrite))
+
+    s = sub.add_parser("serve", help="start tritonserver on a model repository (Ctrl-C stops it)")
+    s.add_argument("repo", type=Path)
+    s.add_argument("--grpc-port", type=int)
+    s.add_argument("--http-port", type=int)
+    s.add_argument("--metrics-port", type=int)
+    s.set_defaults(fn=lambda a: cmd_serve(a.repo, a.grpc_port, a.http_port, a.metrics_port))
+
+    s = sub.add_parser("client", help="send a prompt (and images) to a running server over gRPC")
+    s.add_argument("--url", default="localhost:8001")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--image", type=Path, action="append", default=[])
+    s.add_argument("--stream", action="store_true")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--model", default="ensemble", choices=("ensemble", "m3_bls"))
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--seed", type=int)
+    s.set_defaults(fn=lambda a: cmd_client(a.url, a.prompt, a.image, a.stream, a.max_tokens, model=a.model,
+                                           temperature=a.temperature, seed=a.seed))

@@ -1,0 +1,324 @@
+"""Start, watch and stop a real ``tritonserver`` process over a model repository.
+
+Binary resolution (:func:`find_tritonserver`):
+
+1. a system Triton — ``tritonserver`` on ``PATH`` or ``/opt/tritonserver/bin`` (the NGC
+   container), with its own ``backends/`` next to ``bin/``;
+2. else the Triton 2.51 that ``nvidia-pytriton`` 0.7.0 bundles: ``pytriton/tritonserver/bin``,
+   libraries in ``nvidia_pytriton.libs/`` (``tritonserver/external_libs`` in an editable
+   pytriton). Its python backend ships without a stub; the stub for the running Python
+   (``python_backend_stubs/3.X/triton_python_backend_stub``) is copied into a private backend
+   directory under a cache folder (symlinks for the rest), so site-packages is never modified.
+
+The python-backend stub embeds ``libpython`` and finds its ``sys.prefix`` by looking ``python3``
+up on ``PATH``: putting the running interpreter's ``bin/`` first makes the stub see this venv's
+site-packages (torch, m3_trt) — the same trick PyTriton's own launcher uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+__all__ = ["TritonBinary", "TritonServer", "TritonServerError", "find_tritonserver", "free_port", "serve"]
+
+
+class TritonServerError(RuntimeError):
+    """The server could not start or died; the message carries the tail of its log."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonBinary:
+    """A runnable tritonserver: executable, backend directory, extra environment, origin."""
+
+    executable: Path
+    backend_dir: Path
+    env: dict
+    origin: str  # "system" | "pytriton"
+
+
+def _system_tritonserver() -> Path | None:
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found).resolve()
+    candidate = Path("/opt/tritonserver/bin/tritonserver")
+    return candidate if candidate.is_file() else None
+
+
+def _python_env() -> dict:
+    """PATH/LD_LIBRARY_PATH additions so a python-backend stub runs *this* interpreter's env."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {"PATH": bin_dir}
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY")
+    # The stub links libpython3.X.so.1.0 by soname; prefer the running interpreter's own copy
+    # over the distribution's (pyenv 3.11.7 vs Debian 3.11.2 here).
+    if libdir and ldlib and (Path(libdir) / ldlib).exists():
+        env["LD_LIBRARY_PATH"] = libdir
+    return env
+
+
+def _merge_env(base: dict, extra: dict) -> dict:
+    env = dict(base)
+    for key, value in extra.items():
+        env[key] = f"{value}:{env[key]}" if env.get(key) else value
+    return env
+
+
+def _pytriton_binary(cache_dir: Path | None) -> TritonBinary:
+    try:
+        import pytriton  # noqa: F401  (located, never imported for its side effects)
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise TritonServerError(
+            "no tritonserver found: none on PATH or in /opt/tritonserver, and nvidia-pytriton "
+            "is not installed (pip install 'm3-trt[serve]')"
+        ) from exc
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    libs = [root.parent.parent / "nvidia_pytriton.libs", root / "external_libs"]
+    libs = [p for p in libs if p.is_dir()]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonServerError(f"nvidia-pytriton has no python backend stub for Python {version}: {stub}")
+    key = hashlib.sha1(f"{root}|{stub.stat().st_mtime_ns}|{sys.executable}".encode()).hexdigest()[:12]
+    cache_dir = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m3_trt" / "tritonserver"
+    backend_dir = cache_dir / f"backends-py{version}-{key}"
+    if not (backend_dir / "python" / "triton_python_backend_stub").is_file():
+        # Build in a temp folder and rename into place so concurrent starts never see half a farm.
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".backends-", dir=cache_dir))
+        for backend in (root / "backends").iterdir():
+            dst = tmp / backend.name
+            dst.mkdir()
+            for item in backend.iterdir():
+                if item.name != "__pycache__":
+                    (dst / item.name).symlink_to(item)
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        try:
+            tmp.rename(backend_dir)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    extra = _python_env()
+    # The stub's RPATH ($ORIGIN/../../../../nvidia_pytriton.libs) does not hold from the private
+    # copy, so the bundled libraries go on LD_LIBRARY_PATH (inherited by the stub processes).
+    extra["LD_LIBRARY_PATH"] = ":".join(filter(None, [extra.get("LD_LIBRARY_PATH"), *map(str, libs)]))
+    return TritonBinary(root / "bin" / "tritonserver", backend_dir, extra, "pytriton")
+
+
+def find_tritonserver(*, prefer_system: bool = True, cache_dir: Path | None = None) -> TritonBinary:
+    """Locate a tritonserver: the system one first (NGC container), else pytriton's bundled one."""
+    system = _system_tritonserver() if prefer_system else None
+    if system is not None:
+        backends = system.parent.parent / "backends"
+        return TritonBinary(system, backends, _python_env(), "system")
+    return _pytriton_binary(cache_dir)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (racy by nature; good enough for loopback tests)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """A tritonserver subprocess over ``repo``; a context manager that waits for readiness.
+
+    Ports left as ``None`` are chosen free on loopback. ``log_path`` collects stdout+stderr
+    (a temp file by default); :attr:`log` reads it. Models are loaded explicitly, all at
+    start (``--model-control-mode=explicit --load-model=*``), and startup fails if any fails.
+    """
+
+    def __init__(
+        self,
+        repo: str | Path,
+        *,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout_s: float = 180.0,
+        log_verbose: int = 0,
+        log_path: str | Path | None = None,
+        shm_default_byte_size: int = 1 << 20,
+        extra_args: tuple[str, ...] = (),
+        env: dict | None = None,
+        binary: TritonBinary | None = None,
+    ):
+        self.repo = Path(repo).resolve()
+        if not self.repo.is_dir():
+            raise TritonServerError(f"model repository {self.repo} does not exist")
+        self.host = host
+        self.grpc_port = grpc_port or free_port(host)
+        self.http_port = http_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.startup_timeout_s = startup_timeout_s
+        self.log_verbose = log_verbose
+        self.shm_default_byte_size = shm_default_byte_size
+        self.extra_args = tuple(extra_args)
+        self.extra_env = dict(env or {})
+        self.binary = binary or find_tritonserver()
+        self.shm_prefix = f"m3trt_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        self._log_path = Path(log_path) if log_path else None
+        self._log_file = None
+        self.proc: subprocess.Popen | None = None
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def log(self) -> str:
+        if self._log_path is None or not self._log_path.exists():
+            return ""
+        return self._log_path.read_text(errors="replace")
+
+    def command(self) -> list[str]:
+        return [
+            str(self.binary.executable),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={self.binary.backend_dir}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            "--model-control-mode=explicit",
+            "--load-model=*",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--log-verbose={self.log_verbose}",
+            # Python models exchange tensors through /dev/shm; start small, grow on demand.
+            f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
+            "--backend-config=python,shm-growth-byte-size=1048576",
+            # Stubs' /dev/shm regions are named by this prefix: two servers sharing the default
+            # one (tests, a demo and a benchmark on one host) corrupt each other's shutdown.
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            *self.extra_args,
+        ]
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "TritonServer":
+        if self.proc is not None:
+            raise TritonServerError("server already started")
+        if self._log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self._log_path = Path(name)
+        self._log_file = open(self._log_path, "wb")
+        env = _merge_env(os.environ, self.binary.env)
+        env.update(self.extra_env)
+        self.proc = subprocess.Popen(
+            self.command(),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # our own process group: signals reach the stubs too
+        )
+        try:
+            self.wait_ready(self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _fail(self, why: str) -> TritonServerError:
+        tail = "\n".join(self.log.splitlines()[-60:])
+        return TritonServerError(
+            f"tritonserver {why} ({self.binary.origin} binary {self.binary.executable}, "
+            f"repository {self.repo}, log {self._log_path}):\n{tail}"
+        )
+
+    def is_ready(self) -> bool:
+        try:
+            url = f"http://{self.http_url}/v2/health/ready"
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise self._fail(f"exited with code {self.proc.returncode} before becoming ready")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise self._fail(f"not ready after {timeout_s:.0f} s")
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL."""
+        proc, self.proc = self.proc, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            code = proc.returncode
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return code
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(
+    repo: str | Path,
+    grpc_port: int | None = None,
+    http_port: int | None = None,
+    metrics_port: int | None = None,
+    *,
+    host: str = "0.0.0.0",
+    log_verbose: int = 0,
+) -> int:
+    """Run tritonserver in the foreground until SIGINT/SIGTERM; forward the signal; return its exit code."""
+    server = TritonServer(
+        repo, grpc_port=grpc_port or 8001, http_port=http_port or 8000,
+        metrics_port=metrics_port or 8002, host=host, log_verbose=log_verbose,
+    )
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        b = server.binary
+        print(f"tritonserver ({b.origin}: {b.executable}) ready: gRPC {server.grpc_url}, "
+              f"HTTP {server.http_url}, metrics :{server.metrics_port}; log {server._log_path}", flush=True)
+        while not stop.is_set():
+            if server.proc.poll() is not None:
+                raise server._fail(f"exited with code {server.proc.returncode}")
+            stop.wait(0.5)
+        print("stopping tritonserver ...", flush=True)
+        return server.stop() or 0
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,87 @@
+"""The real tritonserver over a trivial echo repository: launcher, gRPC round trips, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.grpc")
+
+from m3_trt.serving.client import M3Client, M3ClientError, build_inputs  # noqa: E402
+from m3_trt.serving.server import TritonServer, TritonServerError, find_tritonserver  # noqa: E402
+
+ECHO_REPO = Path(__file__).parent / "echo_repo"
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    with TritonServer(ECHO_REPO) as server:
+        yield server
+
+
+def test_binary_resolution_uses_private_backend_dir():
+    b = find_tritonserver()
+    assert b.executable.is_file()
+    stub = b.backend_dir / "python" / "triton_python_backend_stub"
+    assert stub.is_file()
+    if b.origin == "pytriton":
+        import pytriton
+
+        # site-packages is never modified: the stub lives only in our cache copy
+        assert not (Path(pytriton.__file__).parent / "tritonserver/backends/python/triton_python_backend_stub").exists()
+
+
+def test_echo_round_trip_runs_venv_torch_in_stub(echo_server):
+    import torch
+
+    out = M3Client(echo_server.grpc_url, "echo").generate("hello Triton", max_tokens=4)
+    assert out == f"hello Triton | torch {torch.__version__}"
+    assert echo_server.grpc_port != echo_server.http_port != echo_server.metrics_port
+
+
+def test_echo_image_rows_padded_and_stripped(echo_server):
+    blobs = [b"\x89PNG" + bytes(range(1, 40)), b"\xff\xd8tiny\xff\xd9"]
+    out = M3Client(echo_server.grpc_url, "echo").generate("x", blobs, max_tokens=1)
+    assert out.endswith(f"| images {[len(b) for b in blobs]}")
+
+
+def test_echo_stream_piece_by_piece(echo_server):
+    pieces = list(M3Client(echo_server.grpc_url, "echo_stream").stream("one two three four", max_tokens=4))
+    assert pieces == ["one", " two", " three", " four"]
+
+
+@pytest.mark.parametrize("model", ["echo", "echo_stream"])
+def test_error_reaches_client_and_server_keeps_serving(echo_server, model):
+    client = M3Client(echo_server.grpc_url, model)
+    with pytest.raises(M3ClientError, match="the thing is broken"):
+        client.generate("fail:the thing is broken", max_tokens=1)
+    assert client.generate("again fine", max_tokens=1).startswith("again")
+
+
+def test_wrong_dtype_rejected_by_server(echo_server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    c = grpcclient.InferenceServerClient(echo_server.grpc_url)
+    inputs = build_inputs("x", max_tokens=2)
+    bad = grpcclient.InferInput("max_tokens", [1, 1], "INT64")
+    bad.set_data_from_numpy(np.array([[2]], np.int64))
+    with pytest.raises(InferenceServerException, match="max_tokens"):
+        c.infer("echo", [inputs[0], bad])
+
+
+def test_unknown_model_is_a_clear_error(echo_server):
+    with pytest.raises(M3ClientError, match="unknown model"):
+        M3Client(echo_server.grpc_url, "no_such_model").generate("x", max_tokens=1)
+
+
+def test_broken_model_fails_startup_with_its_log(tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(ECHO_REPO / "echo", repo / "echo")
+    (repo / "echo/1/model.py").write_text("raise RuntimeError('deliberately broken model')\n")
+    with pytest.raises(TritonServerError, match="deliberately broken model"):
+        TritonServer(repo, startup_timeout_s=60).start()

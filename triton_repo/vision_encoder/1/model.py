@@ -1,0 +1,27 @@
+"""vision_encoder step: all requests of a dynamic batch in one m3_trt VisionEncoder forward."""
+import torch
+import triton_python_backend_utils as pb
+
+from m3_trt.serving.pipeline import VisionEncoder
+from m3_trt.serving.triton_glue import error_response, model_parameters, read
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        p = model_parameters(args)
+        torch.set_num_threads(int(p.get("torch_threads", "1")))
+        self.encoder = VisionEncoder.from_pretrained(p["checkpoint"])
+
+    def execute(self, requests):
+        batch = [(read(pb, r, "pixel_values"), read(pb, r, "image_grid_thw")) for r in requests]
+        try:
+            embeds = self.encoder(batch)
+        except Exception:  # noqa: BLE001 - one bad request must not fail its batch-mates
+            embeds = []
+            for item in batch:
+                try:
+                    embeds.append(self.encoder([item])[0])
+                except Exception as exc:  # noqa: BLE001
+                    embeds.append(exc)
+        return [error_response(pb, e) if isinstance(e, BaseException)
+                else pb.InferenceResponse([pb.Tensor("image_embeds", e[None])]) for e in embeds]
