@@ -19,7 +19,6 @@ build mid-way in tests); it changes nothing else.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import os
 import platform
@@ -144,20 +143,6 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def _onnx_exporter() -> Callable | None:
-    try:
-        import m3_trt.export.onnx as mod
-    except ModuleNotFoundError:
-        return None
-    fn = getattr(mod, "export_model", None)
-    if fn is None:
-        try:
-            from m3_trt.export.onnx.exporter import export_model as fn
-        except ModuleNotFoundError:
-            return None
-    return fn
-
-
 def build(ckpt: str | Path, target: Target | str, out: str | Path, *, resume: bool = False, progress: bool = True,
           calib: str | Path | None = None, plan=None) -> dict:
     """Build ``out`` for ``target`` from ``ckpt``; returns the manifest (also ``out/build.json``)."""
@@ -252,31 +237,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
             return shard_tensor(name, s, cfg.text, lay, r) if lay.world == 1 else None
         piece(f"rank{r}/weights", make_rank)
 
-    onnx_note = None
-    exporter = _onnx_exporter()
-    if tgt.onnx and exporter is not None:
-        params = inspect.signature(exporter).parameters
-        sharded = all(p in params for p in ("rank", "tp", "ep"))
-        onnx_note = "per-rank ONNX" if sharded else "exporter takes no rank/tp/ep: exported once, unsharded"
-
-        def make_onnx() -> list[Path]:
-            dst = work / "onnx"
-            if dst.exists():
-                shutil.rmtree(dst)
-            kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len)
-            if "max_batch" in params:
-                kw["max_batch"] = tgt.max_batch
-            if "progress" in params:
-                kw["progress"] = log
-            exporter(model.to(DTYPES[tgt.dtype]) if tgt.dtype != "fp32" else model, dst, **kw)
-            return sorted(p for p in dst.rglob("*") if p.is_file())
-        piece("onnx", make_onnx)
-    elif tgt.onnx:
-        onnx_note = "m3_trt.export.onnx is not installed: no ONNX components"
-
-    engines_note = None
-    if tgt.backend == "tensorrt" and (work / "onnx").is_dir():
-        engines_note = _engines(work, tgt, piece, log)
+    onnx_info = _onnx_pieces(model, cfg, tgt, lay, work, piece, log) if tgt.onnx else None
 
     def make_trtllm() -> list[Path]:
         from m3_trt.export.trtllm import write_trtllm
@@ -293,8 +254,8 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
             "world": lay.world, "tp": lay.tp, "ep": lay.ep}, "config": cfg.to_hf_dict(), "checkpoint": str(ckpt),
         "ranks": [{"rank": r, "weights": f"rank{r}/weights.safetensors",
                    "fp8_scales": f"rank{r}/fp8_scales.safetensors" if fp8 else None} for r in range(lay.world)],
-        "files": files, "versions": _versions(), "quantization": quant_report, "onnx": onnx_note,
-        "engines": engines_note, "computed": computed, "reused": reused,
+        "files": files, "versions": _versions(), "quantization": quant_report, "onnx": onnx_info,
+        "computed": computed, "reused": reused,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     _write_json(manifest, work / "build.json")
@@ -319,23 +280,141 @@ def _swap_into_place(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _engines(work: Path, tgt: Target, piece, log) -> str:
-    """TensorRT engines for each exported ONNX graph, where a TensorRT (or TensorRT-RTX) builder imports."""
-    try:
-        from m3_trt.export.tensorrt.builder import build_engine_from_onnx
-    except Exception as e:  # the builder imports TensorRT lazily; anything missing is reported, not fatal
-        return f"no engines: {type(e).__name__}: {e}"
-    results = {}
-    for onnx_file in sorted((work / "onnx").glob("*.onnx")):
-        def make(onnx_file=onnx_file) -> list[Path]:
-            eng = work / "engines" / (onnx_file.stem + ".engine")
-            eng.parent.mkdir(parents=True, exist_ok=True)
-            rep = build_engine_from_onnx(onnx_file, eng, dtype=tgt.dtype if tgt.dtype != "bf16" else "bf16")
-            results[onnx_file.stem] = getattr(rep, "ok", None)
-            return [eng] if eng.is_file() else []
-        try:
-            piece(f"engine/{onnx_file.stem}", make)
-        except Exception as e:
-            results[onnx_file.stem] = f"{type(e).__name__}: {e}"
-            log(f"[build] engine {onnx_file.stem}: failed ({e})")
-    return json.dumps(results)
+def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log) -> dict:
+    """Per-rank ONNX (+ engines with ``backend = tensorrt``); returns what goes into build.json.
+
+    One rank: ``export_model`` of the whole model into ``rank0/onnx`` (verified). Several ranks:
+    the replicated components once into ``replicated/onnx``, the split decoder graphs once into
+    ``onnx_graphs/``, then each rank's weights + manifest into ``rank<r>/onnx`` (see
+    :mod:`m3_trt.runtime.onnx_export`), each verified in ONNX Runtime against its torch part.
+    A failed verification fails the build. FP8 builds export the activation-dtype weights (no
+    Q/DQ nodes in the graphs yet).
+    """
+    from m3_trt.export.onnx import PLUGIN_MODES, export_model
+
+    from .runtime.onnx_export import REPLICATED, export_graphs, verify_rank, write_rank
+
+    model = model.to(DTYPES[tgt.dtype]).eval()
+    kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len, max_batch=tgt.max_batch)
+    info: dict = {"mode": "whole model (export_model)" if lay.world == 1 else
+                  "per rank, decoder layers split at their collectives (m3_trt.runtime.onnx_export)",
+                  "weights": f"{tgt.dtype}" + (" (unquantized: FP8 Q/DQ not in the graphs)"
+                                               if tgt.weight_dtype == "fp8" else ""), "ranks": {}}
+
+    def files_under(d: Path) -> list[Path]:
+        return sorted(p for p in d.rglob("*") if p.is_file())
+
+    def check(name: str, verify: dict) -> None:
+        if verify.get("ok") is False:
+            bad = {k: v["rel_err"] for k, v in verify["components"].items() if not v["ok"]}
+            raise RuntimeError(f"{name}: ONNX Runtime differs from torch beyond {verify['tolerance']}: {bad}")
+
+    def export_whole(dst: Path, components=None) -> list[Path]:
+        shutil.rmtree(dst, ignore_errors=True)
+        export_model(model, dst, verify=True, components=components, progress=log, **kw)
+        check(str(dst.relative_to(work)), json.loads((dst / "manifest.json").read_text()).get("verify", {}))
+        return files_under(dst)
+
+    if lay.world == 1:
+        piece("rank0/onnx", lambda: export_whole(work / "rank0" / "onnx"))
+        dirs = {0: work / "rank0" / "onnx"}
+        info["ranks"]["0"] = {"dir": "rank0/onnx", "verify": json.loads(
+            (dirs[0] / "manifest.json").read_text()).get("verify")}
+    else:
+        from .runtime.model import RankModel
+
+        kernels = PLUGIN_MODES[tgt.plugins]
+        piece("onnx/replicated", lambda: export_whole(work / "replicated" / "onnx", REPLICATED))
+        info["replicated"] = {"dir": "replicated/onnx", "components": REPLICATED, "verify": json.loads(
+            (work / "replicated" / "onnx" / "manifest.json").read_text()).get("verify")}
+
+        def make_graphs() -> list[Path]:
+            shutil.rmtree(work / "onnx_graphs", ignore_errors=True)
+            rm0 = RankModel.from_full(model, lay, 0, dtype=DTYPES[tgt.dtype], kernels=kernels)
+            export_graphs(rm0, work / "onnx_graphs", plugins=tgt.plugins, max_seq_len=tgt.max_seq_len,
+                          max_batch=tgt.max_batch, progress=log)
+            return files_under(work / "onnx_graphs")
+        piece("onnx/graphs", make_graphs)
+        dirs = {}
+        for r in range(lay.world):
+            dst = work / f"rank{r}" / "onnx"
+            dirs[r] = dst
+
+            def make_rank(r=r, dst=dst) -> list[Path]:
+                shutil.rmtree(dst, ignore_errors=True)
+                rm = RankModel.from_full(model, lay, r, dtype=DTYPES[tgt.dtype], kernels=kernels)
+                write_rank(rm, work / "onnx_graphs", dst, replicated="../../replicated/onnx", **kw)
+                verify = verify_rank(rm, dst)
+                (dst / "verify.json").write_text(json.dumps(verify, indent=2) + "\n")
+                log(f"[build] rank{r}/onnx: verified, ok={verify.get('ok')}")
+                check(f"rank{r}/onnx", verify)
+                return files_under(dst)
+            piece(f"rank{r}/onnx", make_rank)
+            info["ranks"][str(r)] = {"dir": f"rank{r}/onnx",
+                                     "verify": json.loads((dst / "verify.json").read_text())}
+    if tgt.backend == "tensorrt":
+        info["engines"] = _engines(work, tgt, lay, dirs, piece, log)
+    return info
+
+
+def _engines(work: Path, tgt: Target, lay, dirs: dict[int, Path], piece, log) -> dict:
+    """TensorRT (here TensorRT-RTX) engines for every exported graph; reports, not failures, per graph."""
+    from m3_trt.export.tensorrt_build import build_engines
+
+    out: dict = {}
+
+    def run(name: str, export_dir: Path, only=None) -> None:
+        def make() -> list[Path]:
+            reports = build_engines(export_dir, only=only, progress=log)
+            (export_dir / "engines" / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
+            return sorted(p for p in (export_dir / "engines").iterdir() if p.is_file())
+        piece(name, make)
+        out[name] = json.loads((export_dir / "engines" / "report.json").read_text())
+
+    if lay.world == 1:
+        run("rank0/engines", dirs[0])
+    else:
+        run("replicated/engines", work / "replicated" / "onnx")
+        for r, d in dirs.items():
+            def make_rank(r=r, d=d) -> list[Path]:
+                return _rank_engines(d, tgt, log)
+            piece(f"rank{r}/engines", make_rank)
+            out[f"rank{r}/engines"] = json.loads((d / "engines" / "report.json").read_text())
+    flat = {f"{k}:{n}": rep for k, reps in out.items() for n, rep in reps.items()}
+    failed = sorted(k for k, rep in flat.items() if not rep.get("ok"))
+    log(f"[build] engines: {len(flat) - len(failed)} built, {len(failed)} failed {failed}")
+    return {"reports": out, "built": len(flat) - len(failed), "failed": failed}
+
+
+def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
+    """One engine per (layer, part) of a rank's split graphs (weights baked in)."""
+    import onnx
+
+    from m3_trt.export.tensorrt import build_in_subprocess
+    from m3_trt.export.tensorrt_build import profile_for
+
+    manifest = json.loads((rank_dir / "manifest.json").read_text())
+    eng = rank_dir / "engines"
+    eng.mkdir(exist_ok=True)
+    reports = {}
+    for entry in manifest["layers"]:
+        for part in ("attn", "mlp"):
+            p = entry[part]
+            name = f"layer_{entry['index']}.{part}"
+            model = onnx.load(str(rank_dir / p["file"]), load_external_data=False)
+            for init in model.graph.initializer:
+                for e in init.external_data:
+                    if e.key == "location":
+                        e.value = p["data"]
+            tmp = rank_dir / f".{name}.{os.getpid()}.onnx"
+            onnx.save(model, str(tmp))
+            try:
+                rep = build_in_subprocess(tmp, eng / f"{name}.plan", dtype=tgt.dtype,
+                                          profiles=profile_for(manifest["graphs"][p["graph"]], manifest),
+                                          plugins=("m3",) if manifest["plugins"] == "m3" else ())
+            finally:
+                tmp.unlink(missing_ok=True)
+            reports[name] = rep.to_dict()
+            log(f"[tensorrt] rank{manifest['rank']} {name}: {'ok' if rep.ok else 'FAILED: ' + str(rep.error)}")
+    (eng / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
+    return sorted(q for q in eng.iterdir() if q.is_file())

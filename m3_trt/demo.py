@@ -1,13 +1,16 @@
 """``m3-trt demo``: the whole product on the embedded tiny checkpoint, stage by stage.
 
-make-tiny → info → in-process generation (text, image+text) → the later stages as they exist
-in this tree (export → build-engine → Triton repository → server → gRPC client → compare).
-Each stage prints what it does; the workdir keeps every stage's output for inspection.
+make-tiny → info → build-engine (``--target cpu``: weights, layer-by-layer ONNX verified in ONNX
+Runtime) → TensorRT-RTX engines for the exported components (built on CPU; they cannot run
+without a GPU) → Triton model repository → ``tritonserver`` on loopback → one image+text request
+over gRPC (streamed) → ``compare`` summaries (ONNX Runtime layer by layer, the live server end to
+end) → server stopped. Every stage's output stays in the workdir for inspection.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 
@@ -26,31 +29,130 @@ def demo_image_png(size: tuple[int, int] = (112, 84)) -> bytes:
     return buf.getvalue()
 
 
-def _stage(name: str):
-    print(f"\n=== {name} " + "=" * max(0, 70 - len(name)), flush=True)
-    return time.perf_counter()
+class _Stages:
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.rows: list[tuple[str, float, str]] = []
+        self._name, self._start = "", 0.0
+
+    def start(self, name: str) -> None:
+        self._name, self._start = name, time.perf_counter()
+        print(f"\n=== {name} " + "=" * max(0, 72 - len(name)), flush=True)
+
+    def done(self, note: str = "") -> None:
+        self.rows.append((self._name, time.perf_counter() - self._start, note))
+
+    def summary(self) -> None:
+        print("\n=== summary " + "=" * 65)
+        for name, secs, note in self.rows:
+            print(f"  {name:44s} {secs:7.1f}s  {note}")
+        print(f"  {'total':44s} {time.perf_counter() - self.t0:7.1f}s")
 
 
 def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: int = 12) -> int:
     from .cli import cmd_info
     from .tiny import make_tiny
 
+    st = _Stages()
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "tiny-ckpt"
-    t = _stage("make-tiny")
+
+    st.start("1. make-tiny")
     if not (ckpt / "config.json").is_file():
         make_tiny(ckpt, seed=0)
-        print(f"wrote {ckpt} ({time.perf_counter() - t:.1f}s)")
+        print(f"wrote {ckpt}")
     else:
         print(f"reusing {ckpt}")
-    _stage("info")
+    st.done(str(ckpt))
+
+    st.start("2. info")
     cmd_info(ckpt=ckpt)
+    st.done()
+
+    st.start("3. build-engine --target cpu")
+    build_dir = workdir / "build-cpu"
+    onnx_dir = _build_cpu(ckpt, build_dir)
+    st.done(str(build_dir))
+
+    st.start("4. TensorRT-RTX engines (built on CPU; running them needs a GPU)")
+    engines_note = _tensorrt_engines(onnx_dir)
+    st.done(engines_note)
+
+    st.start("5. triton-repo")
+    from .serving.repository import write_repository
+
+    repo = workdir / "triton-repo"
+    write_repository(ckpt, repo, backend="torch", bls=True, max_input_len=4096, overwrite=True)
+    print(f"wrote {repo}: {sorted(p.name for p in repo.iterdir() if p.is_dir())}")
+    st.done(str(repo))
 
     image = workdir / "demo.png"
     image.write_bytes(demo_image_png())
-    t = _stage("generate in-process (torch reference, text + image)")
-    from .cli import cmd_generate
+    from .serving.client import M3Client
+    from .serving.server import TritonServer
 
-    cmd_generate(ckpt=ckpt, prompt=prompt, images=[image], max_tokens=max_tokens, kernels="reference")
-    print(f"({time.perf_counter() - t:.1f}s)")
-    return 0
+    st.start("6. tritonserver + gRPC client (image + text, streamed)")
+    with TritonServer(repo) as server:
+        print(f"server ready: gRPC {server.grpc_url}")
+        client = M3Client(server.grpc_url, "ensemble")
+        print(f"prompt: {prompt!r} + {image.name}\nanswer: ", end="", flush=True)
+        pieces = []
+        for piece in client.stream(prompt, [image.read_bytes()], stream=True, max_tokens=max_tokens):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(f"\n({len(pieces)} streamed pieces)")
+        st.done(f"{len(pieces)} pieces")
+
+        st.start("7. compare: live server vs torch reference (end to end)")
+        rc_triton = _compare(ckpt, workdir / "compare-triton", backend="triton", url=server.grpc_url,
+                             layers=False, tokens=max_tokens)
+        st.done("PASS" if rc_triton == 0 else "FAIL")
+    print("server stopped")
+
+    st.start("8. compare: ONNX Runtime components vs torch reference (layer by layer)")
+    rc_onnx = _compare(ckpt, workdir / "compare-onnxruntime", backend="onnxruntime", backend_path=onnx_dir,
+                       layers=True, tokens=8)
+    st.done("PASS" if rc_onnx == 0 else "FAIL")
+    st.summary()
+    return 0 if rc_onnx == 0 and rc_triton == 0 else 1
+
+
+def _build_cpu(ckpt: Path, out: Path) -> Path:
+    """``build-engine --target cpu`` (resumable); returns the folder of its verified ONNX export."""
+    from .build import build
+    from .targets import load_target
+
+    manifest = build(ckpt, load_target("cpu"), out, resume=out.exists(), progress=True)
+    candidates = [p.parent for p in out.rglob("manifest.json") if (p.parent / "embedding.onnx").exists()]
+    if candidates:
+        onnx_dir = sorted(candidates)[0]
+    else:  # a build without ONNX (older target file): export next to it
+        from .export.onnx import export_model
+
+        onnx_dir = out.parent / "onnx-cpu"
+        if not (onnx_dir / "manifest.json").exists():
+            export_model(ckpt, onnx_dir, plugins="m3", max_seq_len=256, verify=True)
+    verify = json.loads((onnx_dir / "manifest.json").read_text()).get("verify", {})
+    print(f"build manifest: {out / 'build.json'} (ranks: {len(manifest.get('ranks', [])) or 1}); "
+          f"ONNX components in {onnx_dir}, verified in ONNX Runtime: {verify.get('ok', 'not run')}")
+    return onnx_dir
+
+
+def _tensorrt_engines(onnx_dir: Path) -> str:
+    from .export.tensorrt import trt_available, trt_unavailable_reason
+    from .export.tensorrt_build import build_engines
+
+    if not trt_available():
+        msg = f"skipped: {trt_unavailable_reason()}"
+        print(msg)
+        return msg
+    reports = build_engines(onnx_dir)
+    ok = sum(r["ok"] for r in reports.values())
+    return f"{ok}/{len(reports)} engines built"
+
+
+def _compare(ckpt: Path, out: Path, **kw) -> int:
+    from .compare.cli import cmd_compare
+
+    return cmd_compare(ckpt=ckpt, out=out, **kw)

@@ -21,6 +21,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import types
 from pathlib import Path
 
@@ -238,33 +240,155 @@ def layer_errors(ref: nn.Module, fp8: nn.Module, inputs: list[dict]) -> list[dic
 
 
 # -- streaming conversion -----------------------------------------------------------------------
+#
+# A safetensors file is ``u64 header length | JSON header {name: {dtype, shape, data_offsets}} |
+# raw bytes``. The output header is known from the input header alone (codes keep the shape, the
+# scales are ``[..., rows, 1]`` fp32), so it is written first and every tensor's bytes are then
+# streamed to its offset: no output dict, no whole-tensor copy, no second pass.
 
-def convert_shards_fp8(src: str | Path, dst: str | Path, *, min_dims: int = 2, progress=None) -> dict:
-    """Quantize every ``>= min_dims``-D floating tensor of each ``*.safetensors`` in ``src`` to E4M3
-    (per output channel) into ``dst``, one shard and one tensor at a time (memory-mapped reads).
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+             "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+_ITEMSIZE = {k: torch.empty(0, dtype=v).element_size() for k, v in ST_DTYPES.items()}
 
-    Peak memory stays near one shard's output plus one tensor's fp32 copy, never the checkpoint.
+
+def read_safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """``(header without __metadata__, byte offset where the data starts)``."""
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _quantize_rows_into(x_RC: torch.Tensor, buf_RC: torch.Tensor, absbuf_RC: torch.Tensor,
+                        codes_RC: torch.Tensor, scale_R1: torch.Tensor) -> None:
+    """Per-row E4M3 of one chunk of rows, bit-identical to :func:`quantize_weight` (no scale given).
+
+    The ``clamp(±448)`` of the reference is left out: with ``scale = amax / 448`` every ``|x / scale|``
+    is at most 448 plus one fp32 rounding, and E4M3 conversion rounds anything below 480 to 448.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    buf_RC.copy_(x_RC)
+    torch.abs(buf_RC, out=absbuf_RC)
+    torch.amax(absbuf_RC, dim=-1, keepdim=True, out=scale_R1)
+    scale_R1.div_(E4M3_MAX).clamp_min_(1e-12)
+    buf_RC.div_(scale_R1)
+    codes_RC.copy_(buf_RC)
+
+
+def convert_shards_fp8(src: str | Path, dst: str | Path, *, min_dims: int = 2, progress=None,
+                       chunk_bytes: int = 1 << 20, threads: int | None = 1) -> dict:
+    """Quantize every ``>= min_dims``-D floating tensor of each ``*.safetensors`` in ``src`` to E4M3
+    (per output channel, ``name_scale_inv`` fp32 ``[..., rows, 1]`` beside it) into ``dst``; other
+    tensors are copied byte for byte. Codes equal :func:`quantize_weight`'s bit for bit.
+
+    Streaming: each output header is written first, then each tensor is read ``chunk_bytes`` of rows
+    at a time (``preadv`` into one reused buffer: nothing memory-mapped, nothing kept) and its codes
+    written at their offset, so extra memory is a few chunk buffers plus one tensor's scales
+    (``rows × 4`` bytes), independent of the tensor and shard sizes. ``threads`` torch threads are
+    used while converting (1 by default: L2-sized chunks are faster without intra-op hand-offs on a
+    shared host), restored afterwards. Files are written as ``<name>.tmp`` and renamed when complete.
+    Returns byte counts and timings.
+    """
+    import time as _time
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    n_in = n_out = 0
-    for shard in sorted(src.glob("*.safetensors")):
-        out: dict[str, torch.Tensor] = {}
-        with safe_open(str(shard), framework="pt") as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                n_in += t.numel() * t.element_size()
-                if t.is_floating_point() and t.dim() >= min_dims:
-                    out[k], out[k + "_scale_inv"] = quantize_weight(t)
+    n_in = n_out = largest = 0
+    t_io = 0.0
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for shard in sorted(src.glob("*.safetensors")):
+            header, base = read_safetensors_header(shard)
+            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+            # output entries: (name, dtype, shape, source key, role); widest dtypes first keeps every
+            # tensor naturally aligned (all sizes are multiples of their itemsize)
+            outs = []
+            for k, h in entries:
+                quant = h["dtype"] in _FLOATS and len(h["shape"]) >= min_dims and 0 not in h["shape"]
+                if quant:
+                    outs.append((k, "F8_E4M3", h["shape"], k, "codes"))
+                    outs.append((k + "_scale_inv", "F32", [*h["shape"][:-1], 1], k, "scale"))
                 else:
-                    out[k] = t
-                del t
-                if progress:
-                    progress(k)
-        save_file(out, str(dst / shard.name), metadata={"format": "pt"})
-        n_out += sum(v.numel() * v.element_size() for v in out.values())
-        del out
-    return {"bytes_in": n_in, "bytes_out": n_out}
+                    outs.append((k, h["dtype"], h["shape"], k, "copy"))
+            outs.sort(key=lambda o: -_ITEMSIZE[o[1]])
+            out_header, off, where = {"__metadata__": {"format": "pt"}}, 0, {}
+            for name, dt, shape, key, role in outs:
+                size = _ITEMSIZE[dt] * math.prod(shape)
+                out_header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}
+                where[(key, role)] = off
+                off += size
+            hbytes = json.dumps(out_header, separators=(",", ":")).encode()
+            hbytes += b" " * (-len(hbytes) % 8)
+            out_base = 8 + len(hbytes)
+            tmp = dst / (shard.name + ".tmp")
+            fin = os.open(shard, os.O_RDONLY)
+            fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.pwrite(fout, len(hbytes).to_bytes(8, "little") + hbytes, 0)
+                for k, h in entries:
+                    a, b = h["data_offsets"]
+                    nbytes = b - a
+                    n_in += nbytes
+                    largest = max(largest, nbytes)
+                    t0 = _time.perf_counter()
+                    if (k, "copy") in where:
+                        dst_off, pos = out_base + where[(k, "copy")], 0
+                        buf = bytearray(min(chunk_bytes, max(nbytes, 1)))
+                        while pos < nbytes:
+                            view = memoryview(buf)[: min(len(buf), nbytes - pos)]
+                            _pread_exact(fin, view, base + a + pos)
+                            os.pwrite(fout, view, dst_off + pos)
+                            pos += len(view)
+                        t_io += _time.perf_counter() - t0
+                        n_out += nbytes
+                    else:
+                        n_out += _convert_tensor(fin, fout, base + a, h, out_base + where[(k, "codes")],
+                                                 out_base + where[(k, "scale")], chunk_bytes)
+                    if progress:
+                        progress(k)
+                os.fsync(fout)
+            finally:
+                os.close(fin)
+                os.close(fout)
+            os.replace(tmp, dst / shard.name)
+    finally:
+        torch.set_num_threads(old_threads)
+    return {"bytes_in": n_in, "bytes_out": n_out, "largest_tensor_bytes": largest}
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise ValueError(f"unexpected end of file at byte {offset + got}")
+        got += n
+
+
+def _convert_tensor(fin: int, fout: int, src_off: int, h: dict, codes_off: int, scale_off: int,
+                    chunk_bytes: int) -> int:
+    """Stream one tensor: rows in chunks → codes written at ``codes_off``, then all scales."""
+    dtype = ST_DTYPES[h["dtype"]]
+    cols = h["shape"][-1]
+    rows = math.prod(h["shape"][:-1])
+    isz = _ITEMSIZE[h["dtype"]]
+    step = max(1, chunk_bytes // (cols * isz))
+    raw = bytearray(step * cols * isz)
+    x_all = torch.frombuffer(raw, dtype=dtype).view(step, cols)
+    buf, absbuf = torch.empty(step, cols), torch.empty(step, cols)
+    codes = torch.empty(step, cols, dtype=E4M3)
+    codes_bytes = codes.view(torch.uint8).numpy()
+    scales = torch.empty(rows, 1)
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        _pread_exact(fin, memoryview(raw)[: n * cols * isz], src_off + r0 * cols * isz)
+        _quantize_rows_into(x_all[:n], buf[:n], absbuf[:n], codes[:n], scales[r0:r0 + n])
+        os.pwrite(fout, memoryview(codes_bytes[:n]).cast("B"), codes_off + r0 * cols)
+    os.pwrite(fout, memoryview(scales.numpy()).cast("B"), scale_off)
+    return rows * cols + rows * 4

@@ -6,8 +6,13 @@ byte-level BPE tokenizer with the M3 special tokens, and the image/video process
 shapes (``m3_trt.config.tiny``) exercise every branch on a CPU budget: several key blocks per
 prompt with top-k below the block count, 8 experts top-2, GQA 2.
 
-Weights are random but scaled so that activations keep unit size through the layers and the
-logits have clear top-1 margins (greedy decoding is then stable across backends).
+Weights are random but shaped like a trained model's in the way accuracy comparisons depend on:
+activations keep unit size through the layers, and the next-token distribution is peaked (each
+LM-head row is aligned with the embedding of a fixed permutation of the vocabulary, plus noise,
+so the top token usually stands clear of the rest). With a flat random LM head every top-1
+comparison is a coin flip among near-tied tokens: an FP8-emulated forward then agrees with bf16
+on ~0.79 of positions, against ~0.96 with this shaping (the rest are mostly MoE routing and
+indexer block choices that flip under FP8 noise, which random experts turn into large errors).
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ def _init_weights(model: M3ForConditionalGeneration, seed: int) -> None:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
+        # peaked next-token distribution: LM-head row j follows the embedding of token perm[j]
+        emb = model.model.language_model.embed_tokens.weight
+        perm = torch.randperm(emb.shape[0], generator=g)
+        aligned = emb[perm] / emb[perm].norm(dim=-1, keepdim=True)
+        noise = torch.randn(emb.shape, generator=g) / emb.shape[1] ** 0.5
+        model.lm_head.weight.copy_(10.0 * aligned + 0.5 * noise)
 
 
 def make_tiny(out: str | Path, seed: int = 0, max_shard_bytes: int = 256 * 1024) -> Path:

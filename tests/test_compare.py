@@ -58,15 +58,16 @@ def test_tensor_metrics_hand_computed():
 
 
 def test_fp8_fake_quant_error_within_e4m3_step():
-    from m3_trt.compare.fp8_emulation import fake_quant_per_channel, fake_quant_per_tensor
+    """The emulation compare uses (m3_trt.quant) rounds within half an E4M3 mantissa step."""
+    from m3_trt.quant import qdq_act, qdq_weight
 
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
-    q = fake_quant_per_channel(w)
+    q = qdq_weight(w)
     torch.testing.assert_close(q.abs().amax(-1), w.abs().amax(-1), rtol=1e-6, atol=0)  # amax maps to 448
     big = w.abs() > w.abs().amax(-1, keepdim=True) / 64      # normal range of E4M3 after scaling
     assert float(((q - w).abs() / w.abs())[big].max()) <= 2 ** -4 + 1e-6  # half a 3-bit mantissa step
     x = torch.tensor([1.0, 0.5, -0.25, 448.0])
-    assert torch.equal(fake_quant_per_tensor(x), x)          # exactly representable values survive
+    assert torch.equal(qdq_act(x, 1.0), x)                    # exactly representable values survive
 
 
 # -- the command on the tiny checkpoint ------------------------------------------------------------

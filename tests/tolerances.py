@@ -46,9 +46,3 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, stage: str, dtype: str = 
     err = rel_err(out, ref)
     assert err <= tol, f"{what or stage}: relative error {err:.3e} > {tol:.1e} (max-abs {max_abs(out, ref):.3e})"
     return err
-
-# FP8 top-1 agreement reached on the *tiny random* checkpoint (tests/engines/test_quant.py): its
-# logits have small top-1 margins (median 0.13 vs logit std 0.8), so bf16 itself agrees with fp32
-# on only 92-95% of positions and FP8 E4M3 (3 mantissa bits) with bf16 on 83-89%. The 0.95 bound
-# above is NOT met on this checkpoint; this row guards against regressions of the FP8 path.
-FP8_TOP1_AGREEMENT_TINY = 0.80

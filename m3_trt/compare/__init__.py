@@ -2,7 +2,7 @@
 
 Modules: ``inputs`` (prompt set → model inputs), ``backends`` (one class per backend, one
 protocol), ``intercept`` (records the reference's indexer choices by wrapping its plugin
-dispatch), ``fp8_emulation``, ``metrics``, ``tolerances`` (one budget per (backend, dtype)),
+dispatch), ``metrics``, ``tolerances`` (one budget per (backend, dtype)),
 ``runner`` (measure + judge → report dict), ``report`` (table, JSON, PNG), ``cli``.
 Nothing is imported at package import time.
 """

@@ -63,7 +63,9 @@ def component_order(cfg) -> list[str]:
 # -- torch: our reference -----------------------------------------------------------------------
 
 class TorchBackend:
-    """``m3_trt.model`` in ``dtype`` with ``kernels``; ``fp8`` adds FP8 E4M3 emulation (fp8_emulation.py).
+    """``m3_trt.model`` in ``dtype`` with ``kernels``; ``fp8`` adds the FP8 E4M3 emulation of an FP8 build
+    (``m3_trt.quant``: the same weight scales and calibrated per-tensor activation scales that
+    ``m3-trt build-engine`` uses, calibrated on its built-in prompt set, not on the compared prompts).
 
     Indexer choices come from wrapping the plugin dispatch (intercept.py), the vision outputs from
     forward hooks: the model itself is not edited.
@@ -79,16 +81,12 @@ class TorchBackend:
         self.fp8 = fp8
         self.dtype = "fp8-emulated" if fp8 else dtype
         if fp8:
-            from .fp8_emulation import quantize_weights_
+            from m3_trt.quant import calibrate, calibration_inputs
 
-            self.quantized = quantize_weights_(self.model)
+            self.emulation = calibrate(self.model, calibration_inputs(path))
 
     def _numerics(self):
-        if not self.fp8:
-            return nullcontext()
-        from .fp8_emulation import fp8_activations
-
-        return fp8_activations(self.model)
+        return nullcontext()
 
     def _vision(self, sample: Sample) -> dict:
         dt = self.model.lm_head.weight.dtype

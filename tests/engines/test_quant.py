@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from tolerances import FP8_TOP1_AGREEMENT_TINY
+from tolerances import FP8_TOP1_AGREEMENT
 
 from m3_trt import quant
 from m3_trt.build import build
@@ -39,18 +39,18 @@ def test_fp8_build_report_and_top1_agreement(tiny_ckpt, tmp_path):
 
     ref = M3ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, ref.config.image_token_id, (1, 48), generator=g) for _ in range(8)]
+    prompts = [torch.randint(0, ref.config.image_token_id, (1, 64), generator=g) for _ in range(16)]
     inputs = quant.calibration_inputs(tiny_ckpt)
     fp8 = copy.deepcopy(ref)
     quant.calibrate(fp8, inputs)
     agree = _agreement(fp8, ref, prompts)
     print(f"fp8 vs bf16 top-1 agreement: {agree:.3f}")
-    assert agree >= FP8_TOP1_AGREEMENT_TINY
+    assert agree >= FP8_TOP1_AGREEMENT
     # negative control: activation scales 64x too small saturate every input above amax/64
     bad = copy.deepcopy(ref)
     emu = quant.calibrate(bad, inputs)
     emu.amax = {k: v / 64 for k, v in emu.amax.items()}
-    assert _agreement(bad, ref, prompts) < FP8_TOP1_AGREEMENT_TINY - 0.2
+    assert _agreement(bad, ref, prompts) < FP8_TOP1_AGREEMENT  # the gate catches a broken calibration
 
 
 def test_weight_roundtrip_keeps_block_scales():
