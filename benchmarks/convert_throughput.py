@@ -111,7 +111,7 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64) -> dict:
         res = {
             "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "convert_torch_threads": 1, "checkpoint_bytes": total, "shards": n_shards,
+            "convert_workers": 2, "convert_torch_threads_per_worker": 1, "checkpoint_bytes": total, "shards": n_shards,
             "largest_tensor_bytes": largest,
             "read_cold_MBps": mb(cold_s), "read_warm_MBps": mb(warm_s),
             "convert_cold_MBps": mb(cold["seconds"]), "convert_warm_MBps": mb(warm["seconds"]),

@@ -7,16 +7,17 @@ from pathlib import Path
 
 
 def cmd_export(*, ckpt: Path, out: Path, dtype: str, plugins: str, max_seq_len: int, max_batch: int,
-               verify: bool, tensorrt: bool) -> int:
+               verify: bool, tensorrt: bool, quant: str = "none", calib: Path | None = None) -> int:
     from m3_trt.config import M3Config
 
     from .onnx import export_model
 
     cfg = M3Config.from_pretrained(ckpt)  # validate before any work
     print(f"export: ckpt={ckpt} out={out} dtype={dtype} plugins={plugins} max_seq_len={max_seq_len} "
-          f"max_batch={max_batch} verify={verify} tensorrt={tensorrt} layers={cfg.text.num_hidden_layers}")
+          f"max_batch={max_batch} verify={verify} tensorrt={tensorrt} quant={quant} calib={calib} "
+          f"layers={cfg.text.num_hidden_layers}")
     export_model(ckpt, out, dtype=dtype, plugins=plugins, max_seq_len=max_seq_len, max_batch=max_batch,
-                 verify=verify)
+                 verify=verify, quant=quant, calib=calib)
     manifest = json.loads((out / "manifest.json").read_text())
     if verify and not manifest.get("verify", {}).get("ok", True):
         print("export: verification FAILED (see manifest.json 'verify')")
@@ -40,6 +41,9 @@ def register(sub) -> None:
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--verify", action="store_true", help="run each component in ONNX Runtime vs torch")
     s.add_argument("--tensorrt", action="store_true", help="also build a serialized engine per component")
+    s.add_argument("--quant", default="none", choices=("none", "fp8"),
+                   help="fp8: E4M3 weights + calibrated activation scales as Q/DQ pairs")
+    s.add_argument("--calib", type=Path, help="calibration prompts (jsonl of {text, image?}); default built-in")
     s.set_defaults(fn=lambda a: cmd_export(ckpt=a.ckpt, out=a.out, dtype=a.dtype, plugins=a.plugins,
                                            max_seq_len=a.max_seq_len, max_batch=a.max_batch, verify=a.verify,
-                                           tensorrt=a.tensorrt))
+                                           tensorrt=a.tensorrt, quant=a.quant, calib=a.calib))

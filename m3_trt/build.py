@@ -237,7 +237,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
             return shard_tensor(name, s, cfg.text, lay, r) if lay.world == 1 else None
         piece(f"rank{r}/weights", make_rank)
 
-    onnx_info = _onnx_pieces(model, cfg, tgt, lay, work, piece, log) if tgt.onnx else None
+    onnx_info = _onnx_pieces(model, cfg, tgt, lay, work, piece, log, ckpt=ckpt, calib=calib) if tgt.onnx else None
 
     def make_trtllm() -> list[Path]:
         from m3_trt.export.trtllm import write_trtllm
@@ -280,15 +280,17 @@ def _swap_into_place(work: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log) -> dict:
+def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: Path | None = None,
+                 calib=None) -> dict:
     """Per-rank ONNX (+ engines with ``backend = tensorrt``); returns what goes into build.json.
 
     One rank: ``export_model`` of the whole model into ``rank0/onnx`` (verified). Several ranks:
     the replicated components once into ``replicated/onnx``, the split decoder graphs once into
     ``onnx_graphs/``, then each rank's weights + manifest into ``rank<r>/onnx`` (see
     :mod:`m3_trt.runtime.onnx_export`), each verified in ONNX Runtime against its torch part.
-    A failed verification fails the build. FP8 builds export the activation-dtype weights (no
-    Q/DQ nodes in the graphs yet).
+    A failed verification fails the build. One-rank FP8 builds export Q/DQ graphs (E4M3 weights,
+    calibrated per-tensor activation scales: ``m3_trt.export.onnx.fp8``); sharded FP8 builds still
+    export the activation-dtype weights of each rank (no Q/DQ in the split graphs yet).
     """
     from m3_trt.export.onnx import PLUGIN_MODES, export_model
 
@@ -296,10 +298,14 @@ def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log) -> dict:
 
     model = model.to(DTYPES[tgt.dtype]).eval()
     kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len, max_batch=tgt.max_batch)
+    fp8_qdq = tgt.weight_dtype == "fp8" and lay.world == 1
+    if fp8_qdq:
+        kw.update(quant="fp8", calib=calib, calib_ckpt=ckpt)
     info: dict = {"mode": "whole model (export_model)" if lay.world == 1 else
                   "per rank, decoder layers split at their collectives (m3_trt.runtime.onnx_export)",
-                  "weights": f"{tgt.dtype}" + (" (unquantized: FP8 Q/DQ not in the graphs)"
-                                               if tgt.weight_dtype == "fp8" else ""), "ranks": {}}
+                  "weights": "fp8 Q/DQ (E4M3 weights per channel, calibrated per-tensor activations)" if fp8_qdq
+                  else f"{tgt.dtype}" + (" (unquantized: FP8 Q/DQ not in the sharded graphs)"
+                                         if tgt.weight_dtype == "fp8" else ""), "ranks": {}}
 
     def files_under(d: Path) -> list[Path]:
         return sorted(p for p in d.rglob("*") if p.is_file())

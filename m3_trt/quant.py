@@ -140,7 +140,7 @@ class Fp8Emulation:
             if isinstance(m, MoE):
                 m._fp8 = (self, name)
                 m.forward = types.MethodType(_emulated_moe_forward, m)
-            elif isinstance(m, nn.Linear) and ".mlp.gate" not in name:
+            elif isinstance(m, nn.Linear) and not name.endswith(".mlp.gate"):  # the router stays high precision
                 m.register_forward_pre_hook(lambda mod, args, _n=name + ".weight": (self.act(_n, args[0]),))
         return self
 
@@ -280,7 +280,7 @@ def _quantize_rows_into(x_RC: torch.Tensor, buf_RC: torch.Tensor, absbuf_RC: tor
 
 
 def convert_shards_fp8(src: str | Path, dst: str | Path, *, min_dims: int = 2, progress=None,
-                       chunk_bytes: int = 1 << 20, threads: int | None = 1) -> dict:
+                       chunk_bytes: int = 1 << 20, workers: int = 2) -> dict:
     """Quantize every ``>= min_dims``-D floating tensor of each ``*.safetensors`` in ``src`` to E4M3
     (per output channel, ``name_scale_inv`` fp32 ``[..., rows, 1]`` beside it) into ``dst``; other
     tensors are copied byte for byte. Codes equal :func:`quantize_weight`'s bit for bit.
@@ -288,78 +288,84 @@ def convert_shards_fp8(src: str | Path, dst: str | Path, *, min_dims: int = 2, p
     Streaming: each output header is written first, then each tensor is read ``chunk_bytes`` of rows
     at a time (``preadv`` into one reused buffer: nothing memory-mapped, nothing kept) and its codes
     written at their offset, so extra memory is a few chunk buffers plus one tensor's scales
-    (``rows × 4`` bytes), independent of the tensor and shard sizes. ``threads`` torch threads are
-    used while converting (1 by default: L2-sized chunks are faster without intra-op hand-offs on a
-    shared host), restored afterwards. Files are written as ``<name>.tmp`` and renamed when complete.
-    Returns byte counts and timings.
+    (``rows × 4`` bytes) per worker, independent of the tensor and shard sizes. ``workers`` shards are
+    converted at once (threads: torch ops and file IO release the GIL), each op single-threaded
+    (L2-sized chunks are faster without intra-op hand-offs); torch's thread count is restored
+    afterwards. Files are written as ``<name>.tmp`` and renamed when complete. Returns byte counts.
     """
-    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
 
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    n_in = n_out = largest = 0
-    t_io = 0.0
+    shards = sorted(src.glob("*.safetensors"))
     old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
-        for shard in sorted(src.glob("*.safetensors")):
-            header, base = read_safetensors_header(shard)
-            entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-            # output entries: (name, dtype, shape, source key, role); widest dtypes first keeps every
-            # tensor naturally aligned (all sizes are multiples of their itemsize)
-            outs = []
-            for k, h in entries:
-                quant = h["dtype"] in _FLOATS and len(h["shape"]) >= min_dims and 0 not in h["shape"]
-                if quant:
-                    outs.append((k, "F8_E4M3", h["shape"], k, "codes"))
-                    outs.append((k + "_scale_inv", "F32", [*h["shape"][:-1], 1], k, "scale"))
-                else:
-                    outs.append((k, h["dtype"], h["shape"], k, "copy"))
-            outs.sort(key=lambda o: -_ITEMSIZE[o[1]])
-            out_header, off, where = {"__metadata__": {"format": "pt"}}, 0, {}
-            for name, dt, shape, key, role in outs:
-                size = _ITEMSIZE[dt] * math.prod(shape)
-                out_header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}
-                where[(key, role)] = off
-                off += size
-            hbytes = json.dumps(out_header, separators=(",", ":")).encode()
-            hbytes += b" " * (-len(hbytes) % 8)
-            out_base = 8 + len(hbytes)
-            tmp = dst / (shard.name + ".tmp")
-            fin = os.open(shard, os.O_RDONLY)
-            fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.pwrite(fout, len(hbytes).to_bytes(8, "little") + hbytes, 0)
-                for k, h in entries:
-                    a, b = h["data_offsets"]
-                    nbytes = b - a
-                    n_in += nbytes
-                    largest = max(largest, nbytes)
-                    t0 = _time.perf_counter()
-                    if (k, "copy") in where:
-                        dst_off, pos = out_base + where[(k, "copy")], 0
-                        buf = bytearray(min(chunk_bytes, max(nbytes, 1)))
-                        while pos < nbytes:
-                            view = memoryview(buf)[: min(len(buf), nbytes - pos)]
-                            _pread_exact(fin, view, base + a + pos)
-                            os.pwrite(fout, view, dst_off + pos)
-                            pos += len(view)
-                        t_io += _time.perf_counter() - t0
-                        n_out += nbytes
-                    else:
-                        n_out += _convert_tensor(fin, fout, base + a, h, out_base + where[(k, "codes")],
-                                                 out_base + where[(k, "scale")], chunk_bytes)
-                    if progress:
-                        progress(k)
-                os.fsync(fout)
-            finally:
-                os.close(fin)
-                os.close(fout)
-            os.replace(tmp, dst / shard.name)
+        with ThreadPoolExecutor(max(1, min(workers, len(shards) or 1))) as pool:
+            stats = list(pool.map(lambda sh: _convert_shard(sh, dst, min_dims, chunk_bytes, progress), shards))
     finally:
         torch.set_num_threads(old_threads)
-    return {"bytes_in": n_in, "bytes_out": n_out, "largest_tensor_bytes": largest}
+    return {"bytes_in": sum(x[0] for x in stats), "bytes_out": sum(x[1] for x in stats),
+            "largest_tensor_bytes": max((x[2] for x in stats), default=0)}
+
+
+def _convert_shard(shard: Path, dst: Path, min_dims: int, chunk_bytes: int, progress) -> tuple[int, int, int]:
+    header, base = read_safetensors_header(shard)
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    # output entries: (name, dtype, shape, source key, role); widest dtypes first keeps every
+    # tensor naturally aligned (all sizes are multiples of their itemsize)
+    outs = []
+    for k, h in entries:
+        if h["dtype"] in _FLOATS and len(h["shape"]) >= min_dims and 0 not in h["shape"]:
+            outs.append((k, "F8_E4M3", h["shape"], k, "codes"))
+            outs.append((k + "_scale_inv", "F32", [*h["shape"][:-1], 1], k, "scale"))
+        else:
+            outs.append((k, h["dtype"], h["shape"], k, "copy"))
+    outs.sort(key=lambda o: -_ITEMSIZE[o[1]])
+    out_header, off, where = {"__metadata__": {"format": "pt"}}, 0, {}
+    for name, dt, shape, key, role in outs:
+        size = _ITEMSIZE[dt] * math.prod(shape)
+        out_header[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}
+        where[(key, role)] = off
+        off += size
+    hbytes = json.dumps(out_header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    out_base = 8 + len(hbytes)
+    n_in = n_out = largest = 0
+    tmp = dst / (shard.name + ".tmp")
+    fin = os.open(shard, os.O_RDONLY)
+    fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.pwrite(fout, len(hbytes).to_bytes(8, "little") + hbytes, 0)
+        for k, h in entries:
+            a, b = h["data_offsets"]
+            nbytes = b - a
+            n_in += nbytes
+            largest = max(largest, nbytes)
+            if (k, "copy") in where:
+                dst_off, pos = out_base + where[(k, "copy")], 0
+                buf = bytearray(min(chunk_bytes, max(nbytes, 1)))
+                while pos < nbytes:
+                    view = memoryview(buf)[: min(len(buf), nbytes - pos)]
+                    _pread_exact(fin, view, base + a + pos)
+                    os.pwrite(fout, view, dst_off + pos)
+                    pos += len(view)
+                n_out += nbytes
+            else:
+                n_out += _convert_tensor(fin, fout, base + a, h, out_base + where[(k, "codes")],
+                                         out_base + where[(k, "scale")], chunk_bytes)
+            if progress:
+                progress(k)
+        os.fsync(fout)
+    except BaseException:
+        os.close(fout)
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fin)
+    os.close(fout)
+    os.replace(tmp, dst / shard.name)
+    return n_in, n_out, largest
 
 
 def _pread_exact(fd: int, view: memoryview, offset: int) -> None:

@@ -46,12 +46,15 @@ class ExportOptions:
     max_seq_len: int = 256
     max_batch: int = 8
     verify: bool = False
+    quant: str = "none"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.plugins not in PLUGIN_MODES:
             raise ValueError(f"plugins={self.plugins!r}: choose one of {', '.join(PLUGIN_MODES)}")
+        if self.quant not in ("none", "fp8"):
+            raise ValueError(f"quant={self.quant!r}: choose none or fp8")
         if self.max_seq_len < 2 or self.max_batch < 1:
             raise ValueError(f"max_seq_len={self.max_seq_len}, max_batch={self.max_batch}: must be >= 2 and >= 1")
 
@@ -133,7 +136,21 @@ def example_inputs(spec: Spec, cfg, gen: torch.Generator, *, seq: int | None = N
 
 # -- export ------------------------------------------------------------------------------------------
 
-def _export_one(spec: Spec, path: Path, model_cfg, plugins: str) -> None:
+_ONNX_DTYPE = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6,
+               torch.bool: 9, torch.float64: 11, torch.float8_e4m3fn: 17}
+
+
+def export_spec(spec: Spec, path: Path, model_cfg, plugins: str, data_name: str,
+                quant: str = "none") -> dict[str, tuple[int, int]]:
+    """Export ``spec`` to ``path`` with every parameter as external data in ``data_name``.
+
+    Memory stays at the module's own weights: the exporter never serialises them (parameters are
+    detached from its graph before saving), and our writer streams each tensor's buffer to disk.
+    Returns the weight file's layout, ``name -> (offset, length)``.
+    """
+    import onnx
+    from onnxscript import optimizer
+
     gen = torch.Generator().manual_seed(0)
     args = example_inputs(spec, model_cfg, gen)
     names = [n for n, _, _ in spec.inputs]
@@ -147,94 +164,84 @@ def _export_one(spec: Spec, path: Path, model_cfg, plugins: str) -> None:
         # the exporter's notes on renamed dynamic axes and deprecated flags are noise for users
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=DeprecationWarning)
-        torch.onnx.export(spec.module, args, str(path), dynamo=True, dynamic_shapes=tuple(dynamic_shapes),
-                          input_names=names, output_names=spec.outputs, opset_version=OPSET, optimize=False,
-                          external_data=True, custom_translation_table=_translation_table() if plugins == "m3" else None,
-                          verbose=False)
+        # optimize=False keeps parameters as named initializers (nothing folded into a transposed
+        # or `1 + w` copy), which is what lets the layers of a variant share one graph
+        program = torch.onnx.export(spec.module, args, None, dynamo=True, dynamic_shapes=tuple(dynamic_shapes),
+                                    input_names=names, output_names=spec.outputs, opset_version=OPSET,
+                                    optimize=False,
+                                    custom_translation_table=_translation_table(plugins, quant) or None,
+                                    verbose=False)
+    state = dict(spec.module.state_dict())
+    graph = program.model.graph
+    params = []
+    for name in list(graph.initializers):
+        if name in state:
+            value = graph.initializers.pop(name)
+            value.const_value = None
+            graph.inputs.append(value)  # shown to the optimizer as an input, so never folded
+            params.append(name)
+    import onnx_ir
 
-
-def _optimize_keep_params(path: Path) -> None:
-    """Fold constants and simplify (e.g. SplitToSequence → Split, computed Reduce axes → constants, both
-    of which TensorRT's parser needs) while every parameter stays a named, untouched initializer.
-
-    The onnxscript optimizer would also fold parameters (transposes, ``1 + w``), so they are shown
-    to it as graph inputs and put back as initializers afterwards.
-    """
-    import onnx
-    from onnxscript import optimizer
-
-    model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
-    params = list(g.initializer)
-    n_inputs = len(g.input)
-    for init in params:
-        g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    del g.initializer[:]
-    model = optimizer.optimize(model, onnx_shape_inference=True)
-    g = model.graph
-    kept = [i for i in g.input[:n_inputs]]
-    del g.input[:]
-    g.input.extend(kept)
-    g.initializer.extend(params)
-    onnx.save(model, str(path))
-
-
-def _translation_table() -> dict:
-    from m3_trt.plugins import onnx_ops
-
-    return onnx_ops.translation_table()
-
-
-def _rewrite_external(path: Path, data_name: str, state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """Make every parameter initializer external in ``data_name`` (our 64-byte aligned layout).
-
-    Streams one tensor at a time (parameters from ``state``, anything else from the exporter's
-    own data file), so a full-size layer never sits in memory twice. Returns name -> (offset, length).
-    """
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    layout, offset = {}, 0
-    torch_data = path.parent / (path.name + ".data")
-    src = open(torch_data, "rb") if torch_data.exists() else None
-    try:
-        with open(path.parent / data_name, "wb") as f:
-            for init in model.graph.initializer:
-                ext = {e.key: e.value for e in init.external_data}
-                if init.name in state:
-                    raw = _tensor_bytes(state[init.name])
-                elif init.data_location == onnx.TensorProto.EXTERNAL and src is not None:
-                    src.seek(int(ext.get("offset", 0)))
-                    raw = src.read(int(ext["length"]))
-                else:
-                    continue  # a small inline constant: stays in the graph
-                pad = (-offset) % 64
-                f.write(b"\0" * pad)
-                offset += pad
-                f.write(raw)
-                layout[init.name] = (offset, len(raw))
-                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                              "external_data"):
-                    init.ClearField(field)
-                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = key, value
-                init.data_location = onnx.TensorProto.EXTERNAL
-                offset += len(raw)
-    finally:
-        if src is not None:
-            src.close()
-    if torch_data.exists():
-        torch_data.unlink()
-    onnx.save(model, str(path))
+    proto = onnx_ir.serde.serialize_model(program.model)
+    del program
+    # constant folding + simplification TensorRT's parser needs (SplitToSequence → Split,
+    # Reduce axes computed by Shape ops → constants)
+    proto = optimizer.optimize(proto, onnx_shape_inference=True)
+    kept = [i for i in proto.graph.input if i.name not in state]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    layout = _write_external(proto, path.parent / data_name, data_name, state, params)
+    onnx.save(proto, str(path))
     return layout
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
+def _translation_table(plugins: str, quant: str) -> dict:
+    table = {}
+    if plugins == "m3":
+        from m3_trt.plugins import onnx_ops
+
+        table.update(onnx_ops.translation_table())
+    if quant == "fp8":
+        from . import fp8
+
+        table.update(fp8.translation_table())
+    return table
+
+
+def _write_external(proto, data_path: Path, data_name: str, state: dict[str, torch.Tensor],
+                    names: list[str]) -> dict[str, tuple[int, int]]:
+    """Append each named parameter as an external initializer, streaming its bytes (64-byte aligned)."""
+    layout, offset = {}, 0
+    with open(data_path, "wb") as f:
+        for name in names:
+            t = state[name]
+            buf = _tensor_buffer(t)
+            pad = (-offset) % 64
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(buf)
+            layout[name] = (offset, buf.nbytes)
+            init = proto.graph.initializer.add()
+            init.name, init.data_type = name, _ONNX_DTYPE[t.dtype]
+            init.dims.extend(list(t.shape))
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(buf.nbytes))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+            init.data_location = 1  # TensorProto.EXTERNAL
+            offset += buf.nbytes
+    return layout
+
+
+def _tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes without a copy (bf16 through an int16 view: numpy has no bfloat16)."""
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().tobytes()
-    return t.numpy().tobytes()
+        t = t.view(torch.int16)
+    elif t.dtype == torch.float8_e4m3fn:
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
 
 
 def _write_layer_data(spec: Spec, layer: int, model: M3ForConditionalGeneration, out: Path,
@@ -245,11 +252,11 @@ def _write_layer_data(spec: Spec, layer: int, model: M3ForConditionalGeneration,
     name = f"layer_{layer}.data"
     with open(out / name, "wb") as f:
         for init_name, (offset, length) in sorted(layout.items(), key=lambda kv: kv[1][0]):
-            raw = _tensor_bytes(state[init_name]) if init_name in state else None
+            raw = _tensor_buffer(state[init_name]) if init_name in state else None
             if raw is None:
                 raise RuntimeError(f"{spec.name}: initializer {init_name} is not a parameter of layer {layer}")
-            if len(raw) != length:
-                raise RuntimeError(f"{spec.name}: {init_name} of layer {layer} has {len(raw)} bytes, graph has {length}")
+            if raw.nbytes != length:
+                raise RuntimeError(f"{spec.name}: {init_name} of layer {layer} has {raw.nbytes} bytes, graph has {length}")
             f.seek(offset)
             f.write(raw)
     return name
@@ -277,9 +284,16 @@ def _io_signature(path: Path) -> dict:
 
 def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Path, *, dtype: str = "fp32",
                  plugins: str = "m3", max_seq_len: int = 256, max_batch: int = 8, verify: bool = False,
-                 components: list[str] | None = None, progress: Callable[[str], None] | None = print) -> Path:
-    """Export every component into ``out`` (must not exist; written in a temp folder, then renamed)."""
-    opts = ExportOptions(dtype=dtype, plugins=plugins, max_seq_len=max_seq_len, max_batch=max_batch, verify=verify)
+                 components: list[str] | None = None, progress: Callable[[str], None] | None = print,
+                 quant: str = "none", calib: str | Path | None = None, calib_ckpt: str | Path | None = None) -> Path:
+    """Export every component into ``out`` (must not exist; written in a temp folder, then renamed).
+
+    ``quant="fp8"``: E4M3 weights and calibrated per-tensor activation scales as Q/DQ pairs
+    (``fp8.py``); calibration prompts come from ``calib`` (jsonl) or the built-in set, rendered with
+    the checkpoint's processor (``calib_ckpt`` when ``source`` is an in-memory model).
+    """
+    opts = ExportOptions(dtype=dtype, plugins=plugins, max_seq_len=max_seq_len, max_batch=max_batch, verify=verify,
+                         quant=quant)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose a new output folder")
@@ -288,6 +302,16 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
     else:
         model, source_desc = M3ForConditionalGeneration.from_pretrained(source), str(source)
     model = model.to(DTYPES[dtype]).eval().set_kernels(PLUGIN_MODES[plugins])
+    act_amax = None
+    if quant == "fp8":
+        from m3_trt.quant import calibration_inputs
+
+        from .fp8 import fp8_model
+
+        ckpt_for_calib = calib_ckpt or (None if isinstance(source, M3ForConditionalGeneration) else source)
+        if ckpt_for_calib is None:
+            raise ValueError("quant='fp8' with an in-memory model needs calib_ckpt (for its processor)")
+        model, act_amax = fp8_model(model, calibration_inputs(ckpt_for_calib, calib))
     if max_seq_len > model.config.text.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds max_position_embeddings="
                          f"{model.config.text.max_position_embeddings}")
@@ -296,6 +320,12 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
     try:
         manifest = _export_into(model, tmp, opts, components, progress)
         manifest["source"] = source_desc
+        if act_amax is not None:
+            manifest["quantization"] = {
+                "scheme": "fp8-e4m3", "weights": "per output channel (decoder layers, not the router)",
+                "activations": "per tensor, static, amax/448 from calibration (linear inputs)",
+                "calibration": str(calib) if calib else "built-in prompt set (m3_trt.quant.BUILTIN_PROMPTS)",
+                "act_amax": act_amax}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)
         tmp.rename(out)
@@ -310,7 +340,7 @@ def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, 
     import onnxruntime
 
     manifest = {
-        "format": "m3-trt-onnx/1", "opset": OPSET, "dtype": opts.dtype, "plugins": opts.plugins,
+        "format": "m3-trt-onnx/1", "opset": OPSET, "dtype": opts.dtype, "plugins": opts.plugins, "quant": opts.quant,
         "max_seq_len": opts.max_seq_len, "max_batch": opts.max_batch, "config": model.config.to_hf_dict(),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "components": [],
@@ -320,11 +350,9 @@ def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, 
             continue
         t0 = time.perf_counter()
         path = out / f"{spec.name}.onnx"
-        _export_one(spec, path, model.config, opts.plugins)
-        _optimize_keep_params(path)
         first = spec.layers[0] if spec.layers else None
         data_name = f"layer_{first}.data" if spec.layers else f"{spec.name}.data"
-        layout = _rewrite_external(path, data_name, dict(spec.module.state_dict()))
+        layout = export_spec(spec, path, model.config, opts.plugins, data_name, opts.quant)
         entry = {"name": spec.name, "file": path.name, **_io_signature(path), "seconds": None}
         if spec.layers:
             entry["layers"] = {str(i): _write_layer_data(spec, i, model, out, layout) for i in spec.layers}

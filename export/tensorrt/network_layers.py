@@ -213,3 +213,41 @@ class LayerWriter:
                                 self.const(w_down_EFD, x_BSD.dtype), trt.MoEActType.SILU)
         layer.set_swiglu_params(limit, alpha, beta)
         return layer.get_output(0)
+
+    # -- generic primitives (used by network_model.py; each is one TensorRT layer) ----------
+    def reshape(self, x, dims):
+        """``add_shuffle`` reshape; 0 copies the input's dim at that index, -1 is inferred."""
+        layer = self.net.add_shuffle(x)
+        layer.reshape_dims = tuple(dims)
+        return layer.get_output(0)
+
+    def transpose(self, x, perm):
+        layer = self.net.add_shuffle(x)
+        layer.first_transpose = tuple(perm)
+        return layer.get_output(0)
+
+    def reduce(self, x, op: str, axis: int, keepdims: bool = False):
+        """``add_reduce`` over one axis; ``op`` is a ReduceOperation name ('SUM', 'MAX', 'AVG', …)."""
+        axis = axis % len(x.shape)
+        return self.net.add_reduce(x, getattr(self.trt.ReduceOperation, op), 1 << axis, keepdims).get_output(0)
+
+    def select(self, cond, then_t, else_t):
+        return self.net.add_select(cond, then_t, else_t).get_output(0)
+
+    def matmul(self, a, b, *, transpose_b: bool = False):
+        """Batched ``a @ b`` (``b`` transposed on its last two axes when ``transpose_b``)."""
+        M = self.trt.MatrixOperation
+        return self.net.add_matrix_multiply(a, M.NONE, b, M.TRANSPOSE if transpose_b else M.NONE).get_output(0)
+
+    def gather(self, table, indices, axis: int = 0):
+        layer = self.net.add_gather(table, indices, axis)
+        return layer.get_output(0)
+
+    def sigmoid(self, x):
+        return self.net.add_activation(x, self.trt.ActivationType.SIGMOID).get_output(0)
+
+    def topk_min(self, x, k: int, axis: int = -1):
+        """(values ascending, int32 indices) of the k smallest along ``axis``."""
+        axis = axis % len(x.shape)
+        layer = self.net.add_topk(x, self.trt.TopKOperation.MIN, k, 1 << axis)
+        return layer.get_output(0), layer.get_output(1)

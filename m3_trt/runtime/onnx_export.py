@@ -147,9 +147,19 @@ def part_specs(rm: RankModel, i: int, B: int, T: int):
                   {"hidden": bs, "attn": bs}))]
 
 
-def _write_data(module: nn.Module, layout: dict[str, tuple[int, int]], path: Path) -> None:
-    from m3_trt.export.onnx.exporter import _tensor_bytes
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
 
+
+def _export_spec(spec, path: Path, cfg, plugins: str, data_name: str) -> dict[str, tuple[int, int]]:
+    """The component exporter's own per-graph step, so the split graphs get exactly the treatment of
+    ``export_model``'s (unoptimised export, parameters as external data in our layout)."""
+    from m3_trt.export.onnx import export_spec
+
+    return export_spec(spec, path, cfg, plugins, data_name)
+
+def _write_data(module: nn.Module, layout: dict[str, tuple[int, int]], path: Path) -> None:
     state = dict(module.state_dict())
     with open(path, "wb") as f:
         for name, (offset, length) in sorted(layout.items(), key=lambda kv: kv[1][0]):
@@ -163,8 +173,7 @@ def _write_data(module: nn.Module, layout: dict[str, tuple[int, int]], path: Pat
 def export_graphs(rm0: RankModel, out: Path, *, plugins: str, max_seq_len: int, max_batch: int,
                   progress=None) -> dict:
     """The four split graphs from rank 0's first layer of each kind; returns their layouts/signatures."""
-    from m3_trt.export.onnx.exporter import (_export_one, _io_signature, _optimize_keep_params,
-                                             _rewrite_external)
+    from m3_trt.export.onnx.exporter import _io_signature
 
     out.mkdir(parents=True, exist_ok=True)
     graphs: dict[str, dict] = {}
@@ -173,9 +182,7 @@ def export_graphs(rm0: RankModel, out: Path, *, plugins: str, max_seq_len: int, 
             if gname in graphs:
                 continue
             path = out / f"{gname}.onnx"
-            _export_one(spec, path, rm0.config, plugins)
-            _optimize_keep_params(path)
-            layout = _rewrite_external(path, f"{gname}.data", dict(spec.module.state_dict()))
+            layout = _export_spec(spec, path, rm0.config, plugins, f"{gname}.data")
             graphs[gname] = {"file": path.name, "layout": {k: list(v) for k, v in layout.items()},
                              **_io_signature(path)}
             if progress:

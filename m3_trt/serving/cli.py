@@ -1,6 +1,8 @@
 """``m3-trt`` serving commands as plain functions (the lead wires them into ``m3_trt.cli``).
 
-    m3-trt triton-repo BUILD_OR_CKPT --out REPO [--backend torch] [--instances N]
+    m3-trt triton-repo CKPT --out REPO [--backend torch] [--instances N]
+    m3-trt triton-repo CKPT --export ONNX_DIR --backend onnxruntime --out REPO
+    m3-trt triton-repo ONNX_DIR --backend onnxruntime --out REPO     (the export names its checkpoint)
     m3-trt serve REPO [--grpc-port P] [--http-port P]
     m3-trt client --url HOST:PORT --prompt TEXT [--image FILE ...] [--stream] [--max-tokens N]
 """
@@ -15,15 +17,19 @@ __all__ = ["cmd_triton_repo", "cmd_serve", "cmd_client"]
 
 
 def cmd_triton_repo(source: Path, out: Path, backend: str = "torch", instances: int = 1, *,
-                    bls: bool = True, max_input_len: int = 4096, max_pixels: int = 16 * 1024 * 1024,
-                    overwrite: bool = False) -> int:
+                    export: Path | None = None, bls: bool = True, max_input_len: int | None = None,
+                    max_pixels: int = 16 * 1024 * 1024, overwrite: bool = False) -> int:
+    import json
+
     from .repository import write_repository
 
-    print(f"triton-repo: source={source} out={out} backend={backend} instances={instances} bls={bls} "
-          f"max_input_len={max_input_len} max_pixels={max_pixels}")
-    path = write_repository(source, out, backend=backend, instances=instances, bls=bls,
+    print(f"triton-repo: source={source} export={export} out={out} backend={backend} instances={instances} "
+          f"bls={bls} max_input_len={max_input_len or 'default'} max_pixels={max_pixels}")
+    path = write_repository(source, out, backend=backend, export=export, instances=instances, bls=bls,
                             max_input_len=max_input_len, max_pixels=max_pixels, overwrite=overwrite)
-    print(f"wrote {path} (see {path / 'README.md'})")
+    settings = json.loads((path / "manifest.json").read_text())["settings"]
+    print(f"wrote {path} (checkpoint {settings['checkpoint']}, max_input_len {settings['max_input_len']}; "
+          f"see {path / 'README.md'})")
     return 0
 
 
@@ -56,15 +62,20 @@ def cmd_client(url: str, prompt: str, images: list[Path] = (), stream: bool = Fa
 def register(sub) -> None:
     """Add ``triton-repo``, ``serve`` and ``client`` to the ``m3-trt`` command line."""
     s = sub.add_parser("triton-repo", help="write a Triton Inference Server model repository")
-    s.add_argument("source", type=Path, help="a checkpoint (or a build-engine output folder)")
+    s.add_argument("source", type=Path, help="a checkpoint (or a build folder naming one); with --backend "
+                   "onnxruntime and no --export, the ONNX export folder")
     s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"))
+    s.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
+                   help="what runs vision_encoder and llm (tensorrt: refused here, no GPU)")
+    s.add_argument("--export", type=Path, help="ONNX export folder (m3-trt export) for --backend onnxruntime")
     s.add_argument("--instances", type=int, default=1)
     s.add_argument("--no-bls", action="store_true", help="only the ensemble, not the BLS alternative")
-    s.add_argument("--max-input-len", type=int, default=4096)
+    s.add_argument("--max-input-len", type=int, help="prompt tokens incl. images (default 4096; "
+                   "onnxruntime: the export's max_seq_len - 1)")
     s.add_argument("--max-pixels", type=int, default=16 * 1024 * 1024)
     s.add_argument("--overwrite", action="store_true")
-    s.set_defaults(fn=lambda a: cmd_triton_repo(a.source, a.out, a.backend, a.instances, bls=not a.no_bls,
+    s.set_defaults(fn=lambda a: cmd_triton_repo(a.source, a.out, a.backend, a.instances, export=a.export,
+                                                bls=not a.no_bls,
                                                 max_input_len=a.max_input_len, max_pixels=a.max_pixels,
                                                 overwrite=a.overwrite))
 

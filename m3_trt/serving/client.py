@@ -132,6 +132,7 @@ class M3Client:
         inputs = build_inputs(prompt, images, stream=stream, **params)
         replies: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
+        done = False
         try:
             client.start_stream(callback=lambda result, error: replies.put((result, error)))
             client.async_stream_infer(
@@ -143,16 +144,22 @@ class M3Client:
                 except queue.Empty:
                     raise M3ClientError(f"no response from {self.model} at {self.url} in {self.timeout_s} s") from None
                 if error is not None:
+                    done = True  # an error response ends the request on the server too
                     msg = error.message() if isinstance(error, InferenceServerException) else str(error)
                     raise M3ClientError(f"{self.model} at {self.url}: {msg}")
+                done = _is_final(result)
                 piece = _text_of(result)
                 if piece:
                     yield piece
-                if _is_final(result):
+                if done:
                     return
         finally:
+            # Cancel only a request abandoned before its final response (timeout, consumer
+            # stopped early). Cancelling a stream whose request already completed races in
+            # Triton 2.51's gRPC frontend: now and then the decoupled model's response factory
+            # is never released, the model stays "live" and shutdown waits the whole exit timeout.
             try:
-                client.stop_stream(cancel_requests=True)
+                client.stop_stream(cancel_requests=not done)
             finally:
                 client.close()
 

@@ -5,10 +5,15 @@ Steps (one class or function each, no Triton types here, so they run and test in
 - :class:`Preprocessor` — prompt → chat template → image decoding (bytes) → M3-VL image
   processing → placeholder expansion → ``input_ids [S]``, ``pixel_values [N, D]``,
   ``image_grid_thw [n, 3]``; refuses bad requests with :class:`RequestError`.
-- :class:`VisionEncoder` — a list of requests' (pixel_values, grid) → one batched
-  ``get_image_features`` call → per-request ``image_embeds [n_tokens, Dt]``.
-- :class:`TokenGenerator` — ``input_ids`` + ``image_embeds`` + :class:`SamplingParams` → token
-  ids (``m3_trt.generate.generate``).
+- :class:`VisionEncoder` — a list of requests' (pixel_values, grid) → one batched vision tower +
+  projector call (torch ``get_image_features``, or the exported ``vision_encoder`` + ``projector``
+  graphs in ONNX Runtime) → per-request ``image_embeds [n_tokens, Dt]``.
+- :class:`TokenGenerator` (torch, ``m3_trt.generate.generate``) and :class:`OnnxTokenGenerator`
+  (the exported embedding / decoder-layer / head graphs in ONNX Runtime, a static KV cache per
+  request) — ``input_ids`` + ``image_embeds`` + :class:`SamplingParams` → token ids; both sample
+  with ``m3_trt.generate.sample_next``.
+- :func:`load_steps` — the vision encoder and token generator a repository's ``parameters``
+  name (``backend``, ``checkpoint``, ``export_dir``).
 - :func:`text_delta` — stateless incremental detokenisation (the postprocessing step sees one
   response at a time, so it cannot keep a decoder's state).
 - :func:`generate_in_process` — the four steps chained in one process: the reference the
@@ -26,8 +31,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 __all__ = [
-    "RequestError", "SamplingParams", "Preprocessor", "VisionEncoder", "TokenGenerator",
-    "split_image_rows", "text_delta", "build_prompt", "generate_in_process",
+    "RequestError", "SamplingParams", "Preprocessor", "VisionEncoder", "TokenGenerator", "OnnxTokenGenerator",
+    "load_steps", "split_image_rows", "text_delta", "build_prompt", "generate_in_process",
 ]
 
 REPLACEMENT = "\ufffd"  # what a UTF-8 character split across tokens decodes to, for now
@@ -119,34 +124,69 @@ class Preprocessor:
 
 
 class VisionEncoder:
-    """Image patches → projected image tokens, several requests per forward."""
+    """Image patches → projected image tokens, several requests per forward.
 
-    def __init__(self, model):
-        self.model = model
-        merge = model.config.vision.spatial_merge_size
+    ``features(pixel_values [N, D] fp32, grid [n, 3] int64) -> [N/merge², Dt]`` is the backend:
+    the torch model's ``get_image_features`` or the ONNX export's vision_encoder + projector.
+    """
+
+    def __init__(self, features, config):
+        self.features = features
+        self.config = config
+        merge = config.vision.spatial_merge_size
         self.merge_sq = merge * merge
+
+    @classmethod
+    def from_model(cls, model) -> "VisionEncoder":
+        import torch
+
+        def features(pixels, grid):
+            with torch.no_grad():
+                return model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid)).float().numpy()
+
+        return cls(features, model.config)
+
+    @classmethod
+    def from_onnx(cls, onnx_model) -> "VisionEncoder":
+        """Over an ``m3_trt.export.onnx.runtime.OnnxModel``."""
+        return cls(lambda pixels, grid: np.asarray(onnx_model.image_embeds(pixels, grid), np.float32),
+                   onnx_model.config)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "VisionEncoder":
         import torch
         from m3_trt.model import M3ForConditionalGeneration
 
-        return cls(M3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32))
+        return cls.from_model(M3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32))
 
     def __call__(self, batch: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
         """``[(pixel_values [N_i, D], grid [n_i, 3]), ...]`` → ``[image_embeds [T_i, Dt], ...]``."""
-        import torch
-
         counts = [int((np.asarray(g).reshape(-1, 3).prod(-1)).sum()) // self.merge_sq for _, g in batch]
-        hidden = self.model.config.text.hidden_size
+        hidden = self.config.text.hidden_size
         live = [(p, g) for (p, g), c in zip(batch, counts) if c]
         if not live:
             return [np.zeros((0, hidden), np.float32) for _ in batch]
-        pixels = torch.from_numpy(np.concatenate([np.asarray(p, np.float32) for p, _ in live]))
-        grid = torch.from_numpy(np.concatenate([np.asarray(g, np.int64).reshape(-1, 3) for _, g in live]))
-        with torch.no_grad():
-            feats = self.model.get_image_features(pixels, grid).float().numpy()
+        pixels = np.ascontiguousarray(np.concatenate([np.asarray(p, np.float32) for p, _ in live]))
+        grid = np.ascontiguousarray(np.concatenate([np.asarray(g, np.int64).reshape(-1, 3) for _, g in live]))
+        feats = self.features(pixels, grid)
         return list(np.split(feats, np.cumsum(counts)[:-1]))
+
+
+def _eos_ids(config) -> tuple[int, ...]:
+    eos = config.text.eos_token_id
+    return tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
+
+
+def _check_placeholders(input_ids: np.ndarray, image_embeds: np.ndarray | None, config) -> np.ndarray | None:
+    """``image_embeds`` as ``[n, Dt]`` fp32 (None when empty), one row per image placeholder id."""
+    n_placeholders = int((np.asarray(input_ids) == config.image_token_id).sum())
+    embeds = None
+    if image_embeds is not None and np.asarray(image_embeds).size:
+        embeds = np.asarray(image_embeds, np.float32).reshape(-1, config.text.hidden_size)
+    if (embeds.shape[0] if embeds is not None else 0) != n_placeholders:
+        raise RequestError(f"prompt has {n_placeholders} image placeholders but "
+                           f"{0 if embeds is None else embeds.shape[0]} image embeddings arrived")
+    return embeds
 
 
 class TokenGenerator:
@@ -154,8 +194,7 @@ class TokenGenerator:
 
     def __init__(self, model):
         self.model = model
-        eos = model.config.text.eos_token_id
-        self.eos = tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
+        self.eos = _eos_ids(model.config)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "TokenGenerator":
@@ -170,16 +209,74 @@ class TokenGenerator:
 
         params.validate()
         ids = torch.from_numpy(np.asarray(input_ids, np.int64).reshape(1, -1))
-        n_placeholders = int((ids == self.model.config.image_token_id).sum())
-        embeds = None
-        if image_embeds is not None and np.asarray(image_embeds).size:
-            embeds = torch.from_numpy(np.asarray(image_embeds, np.float32).reshape(-1, self.model.config.text.hidden_size))
-        if (embeds.shape[0] if embeds is not None else 0) != n_placeholders:
-            raise RequestError(f"prompt has {n_placeholders} image placeholders but "
-                               f"{0 if embeds is None else embeds.shape[0]} image embeddings arrived")
+        embeds = _check_placeholders(input_ids, image_embeds, self.model.config)
+        embeds = torch.from_numpy(embeds) if embeds is not None else None
         eos = (params.end_id,) if params.end_id is not None else self.eos
         return generate(self.model, ids, image_embeds=embeds, max_new_tokens=params.max_tokens, eos_token_id=eos,
                         temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=params.seed)
+
+
+class OnnxTokenGenerator:
+    """Token generation over an ONNX export in ONNX Runtime, one static KV cache per request.
+
+    Same contract as :class:`TokenGenerator`. The export's caches are ``max_seq_len`` slots long
+    (fixed at export time), so a request whose prompt + ``max_tokens`` exceeds that is refused.
+    """
+
+    def __init__(self, onnx_model):
+        self.model = onnx_model
+        self.config = onnx_model.config
+        self.eos = _eos_ids(onnx_model.config)
+
+    def __call__(self, input_ids: np.ndarray, image_embeds: np.ndarray | None, params: SamplingParams) -> Iterator[int]:
+        params.validate()
+        ids = np.asarray(input_ids, np.int64).reshape(1, -1)
+        embeds = _check_placeholders(ids, image_embeds, self.config)
+        limit = self.model.max_seq_len
+        if ids.shape[1] + params.max_tokens > limit:
+            raise RequestError(f"prompt ({ids.shape[1]} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                               f"ONNX export's max_seq_len={limit}")
+        return self._tokens(ids, embeds, params)
+
+    def _tokens(self, ids: np.ndarray, embeds: np.ndarray | None, params: SamplingParams) -> Iterator[int]:
+        import torch
+
+        from m3_trt.generate import sample_next
+
+        eos = set((params.end_id,) if params.end_id is not None else self.eos)
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        caches = self.model.new_cache(1)
+        logits = self.model.forward(ids, caches, 0, image_embeds=embeds)
+        pos = ids.shape[1]
+        for _ in range(params.max_tokens):
+            tok = sample_next(torch.from_numpy(np.asarray(logits[0, -1], np.float32)), temperature=params.temperature,
+                              top_k=params.top_k, top_p=params.top_p, generator=gen)
+            yield tok
+            if tok in eos:
+                return
+            logits = self.model.forward(np.array([[tok]], np.int64), caches, pos)
+            pos += 1
+
+
+def load_steps(params: dict[str, str]) -> tuple[VisionEncoder, "TokenGenerator | OnnxTokenGenerator"]:
+    """The vision encoder and token generator for a repository model's ``parameters``.
+
+    ``backend`` ``torch`` loads the checkpoint's torch reference; ``onnxruntime`` opens the ONNX
+    export in ``export_dir`` (one ``OnnxModel`` shared by both steps of this process).
+    """
+    backend = params.get("backend", "torch")
+    if backend == "torch":
+        import torch
+        from m3_trt.model import M3ForConditionalGeneration
+
+        model = M3ForConditionalGeneration.from_pretrained(params["checkpoint"], dtype=torch.float32)
+        return VisionEncoder.from_model(model), TokenGenerator(model)
+    if backend == "onnxruntime":
+        from m3_trt.export.onnx.runtime import OnnxModel
+
+        model = OnnxModel(params["export_dir"])
+        return VisionEncoder.from_onnx(model), OnnxTokenGenerator(model)
+    raise ValueError(f"backend {backend!r} cannot run in a python-backend step (torch | onnxruntime)")
 
 
 def _stable(processor, ids: Sequence[int]) -> str:

@@ -139,8 +139,10 @@ class TritonServer:
     """A tritonserver subprocess over ``repo``; a context manager that waits for readiness.
 
     Ports left as ``None`` are chosen free on loopback. ``log_path`` collects stdout+stderr
-    (a temp file by default); :attr:`log` reads it. Models are loaded explicitly, all at
-    start (``--model-control-mode=explicit --load-model=*``), and startup fails if any fails.
+    (a temp file by default, removed after a clean stop); :attr:`log` reads it. Models are
+    loaded explicitly, all at start (``--model-control-mode=explicit --load-model=*``), and
+    startup fails if any fails. ``exit_timeout_s`` is Triton's ``--exit-timeout-secs``: how long
+    a stop waits for in-flight requests and model unloads before Triton gives up and exits 1.
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class TritonServer:
         metrics_port: int | None = None,
         host: str = "127.0.0.1",
         startup_timeout_s: float = 180.0,
+        exit_timeout_s: int = 30,
         log_verbose: int = 0,
         log_path: str | Path | None = None,
         shm_default_byte_size: int = 1 << 20,
@@ -167,6 +170,7 @@ class TritonServer:
         self.http_port = http_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
         self.startup_timeout_s = startup_timeout_s
+        self.exit_timeout_s = int(exit_timeout_s)
         self.log_verbose = log_verbose
         self.shm_default_byte_size = shm_default_byte_size
         self.extra_args = tuple(extra_args)
@@ -174,6 +178,7 @@ class TritonServer:
         self.binary = binary or find_tritonserver()
         self.shm_prefix = f"m3trt_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._log_path = Path(log_path) if log_path else None
+        self._own_log = log_path is None
         self._log_file = None
         self.proc: subprocess.Popen | None = None
 
@@ -205,6 +210,7 @@ class TritonServer:
             "--model-control-mode=explicit",
             "--load-model=*",
             "--exit-on-error=true",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             "--strict-readiness=true",
             f"--log-verbose={self.log_verbose}",
             # Python models exchange tensors through /dev/shm; start small, grow on demand.
@@ -217,7 +223,8 @@ class TritonServer:
         ]
 
     # -- lifecycle -------------------------------------------------------------------------
-    def start(self) -> "TritonServer":
+    def start(self, abort: threading.Event | None = None) -> "TritonServer":
+        """Launch and wait until ready (``abort`` set by another thread ends the wait)."""
         if self.proc is not None:
             raise TritonServerError("server already started")
         if self._log_path is None:
@@ -235,7 +242,7 @@ class TritonServer:
             start_new_session=True,  # our own process group: signals reach the stubs too
         )
         try:
-            self.wait_ready(self.startup_timeout_s)
+            self.wait_ready(self.startup_timeout_s, abort)
         except BaseException:
             self.stop()
             raise
@@ -256,9 +263,12 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, abort: threading.Event | None = None) -> None:
+        """Poll readiness; raise if the process exits, ``timeout_s`` passes or ``abort`` is set."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if abort is not None and abort.is_set():
+                raise TritonServerError("startup interrupted")
             if self.proc.poll() is not None:
                 raise self._fail(f"exited with code {self.proc.returncode} before becoming ready")
             if self.is_ready():
@@ -266,15 +276,20 @@ class TritonServer:
             time.sleep(0.25)
         raise self._fail(f"not ready after {timeout_s:.0f} s")
 
-    def stop(self, timeout_s: float = 30.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL."""
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests and unloads models), then SIGKILL.
+
+        Returns Triton's exit code: 0 after a clean unload, 1 when its exit timeout expired
+        (a model never unloaded), -9 when it had to be killed; None if it was never started.
+        The default wait is Triton's exit timeout plus 15 s for the stubs to exit.
+        """
         proc, self.proc = self.proc, None
         code = None
         if proc is not None:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout_s)
+                    proc.wait(self.exit_timeout_s + 15 if timeout_s is None else timeout_s)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
@@ -282,6 +297,8 @@ class TritonServer:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+            if code == 0 and self._own_log and self._log_path is not None:
+                self._log_path.unlink(missing_ok=True)  # a clean run's temp log is noise in /tmp
         return code
 
     def __enter__(self) -> "TritonServer":
@@ -300,7 +317,12 @@ def serve(
     host: str = "0.0.0.0",
     log_verbose: int = 0,
 ) -> int:
-    """Run tritonserver in the foreground until SIGINT/SIGTERM; forward the signal; return its exit code."""
+    """Run tritonserver in the foreground until SIGINT/SIGTERM; forward the signal; return its exit code.
+
+    Triton runs in its own session (a terminal's Ctrl-C reaches only this process), so the signal
+    is forwarded as SIGTERM: Triton drains requests, unloads every model and exits 0. A signal
+    during startup stops the server as well.
+    """
     server = TritonServer(
         repo, grpc_port=grpc_port or 8001, http_port=http_port or 8000,
         metrics_port=metrics_port or 8002, host=host, log_verbose=log_verbose,
@@ -308,7 +330,13 @@ def serve(
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start()
+        try:
+            server.start(abort=stop)
+        except TritonServerError:
+            if stop.is_set():
+                print("interrupted during startup", flush=True)
+                return 130
+            raise
         b = server.binary
         print(f"tritonserver ({b.origin}: {b.executable}) ready: gRPC {server.grpc_url}, "
               f"HTTP {server.http_url}, metrics :{server.metrics_port}; log {server._log_path}", flush=True)
@@ -317,7 +345,9 @@ def serve(
                 raise server._fail(f"exited with code {server.proc.returncode}")
             stop.wait(0.5)
         print("stopping tritonserver ...", flush=True)
-        return server.stop() or 0
+        code = server.stop()
+        print(f"tritonserver exited with code {code}", flush=True)
+        return 0 if code == 0 else 1
     finally:
         server.stop()
         for s, handler in previous.items():

@@ -7,19 +7,20 @@ U blocks in a tile's union, M (query, slot) pairs that selected one block.
 Queries are processed in chunks; each chunk takes one of two paths, whichever does less work:
 
 * **union** (``U <= 2K`` in every tile of C <= 128 queries: decode, short prompts, selections
-  with locality): per (batch, group) each tile takes the union of its queries' selected blocks, gathers those U blocks of K and V
-  once and serves all R query heads and all C queries with two matmuls
-  ``[R*C, D] x [D, U*bs]``; each query then keeps only its own blocks.
-* **blocks** (some tile has ``U > 2K``: long prefills where neighbouring queries pick different blocks, so the
-  union approaches all N blocks and the union path degenerates into dense attention): per
-  (batch, group) and key block, the M (query, slot) pairs that picked the block are gathered
-  (queries, not keys: ``R*D`` numbers each), scored against that one block with one matmul
-  ``[R*M, D] x [D, bs]`` and written into a ``[R, chunk, K*bs]`` score buffer; after one softmax per
-  row the same walk multiplies by each block's V and ``index_add_``s into the output. Work is
-  ``C*K*bs`` per head, independent of how scattered the selection is.
+  with locality): per (batch, group) each tile takes the union of its queries' selected blocks,
+  gathers those U blocks of K and V once and serves all R query heads and all C queries with two
+  matmuls ``[R*C, D] x [D, U*bs]``; each query then keeps only its own blocks.
+* **blocks** (some tile has ``U > 2K``: long prefills where neighbouring queries pick different
+  blocks, so the union approaches all N blocks and the union path degenerates into dense
+  attention): per (batch, group) and key block, the M (query, slot) pairs that picked the block
+  are gathered (queries, not keys: ``R*D`` numbers each), scored against that one block with one
+  matmul ``[R*M, D] x [D, bs]`` and written into a ``[R, chunk, K*bs]`` score buffer; after one
+  softmax per row the same walk multiplies by each block's V and ``index_add_``s into the
+  output. Work is ``K*bs`` keys per query and head, however scattered the selection is (at 4K
+  tokens, block 128, top-4 with random selections: 3x faster than the union path on CPU).
 
 Both mask ``slot <= q_pos`` (token causality: the local block, unfilled static-cache slots).
-Memory per tile is ``O(B * Hq * C * max(U, K) * bs)``: linear in S, never a ``[B, Hq, S, T]``
+Memory per chunk is ``O(B * Hq * chunk * max(U, K) * bs)``: linear in S, never a ``[B, Hq, S, T]``
 tensor. (A per-query gather of the K selected *key* blocks was measured 3-10x slower on CPU: the
 copy of ``S * K * bs * D`` elements and the R-row matmuls dominate.)
 

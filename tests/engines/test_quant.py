@@ -62,3 +62,35 @@ def test_weight_roundtrip_keeps_block_scales():
     assert sc.shape == (256, 1)
     rel = float((quant.dequantize_fp8(qc, sc) - w).norm() / w.norm())
     assert rel < 0.04  # E4M3 keeps 3 mantissa bits: ~2-3% relative rounding error
+
+
+def test_streaming_shard_conversion_equals_quantize_weight(tmp_path):
+    """convert_shards_fp8 (header first, rows streamed in chunks, 2 shards in parallel) is bit-identical
+    to quantize_weight per tensor; 1-D / integer tensors are copied. Chunks of 1000 bytes force many
+    chunks per tensor, including a partial last one and a zero row."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    shards = [{"a.weight": torch.randn(300, 70, generator=g).to(torch.bfloat16), "b.norm": torch.randn(70, generator=g),
+               "c.experts": torch.randn(3, 40, 33, generator=g) * 5, "d.ids": torch.arange(7),
+               "e.half": torch.randn(17, 9, generator=g).half()},
+              {"z.weight": torch.randn(64, 64, generator=g)}]
+    shards[0]["a.weight"][5] = 0
+    (tmp_path / "src").mkdir()
+    for i, sh in enumerate(shards):
+        save_file(sh, str(tmp_path / "src" / f"m-{i}.safetensors"))
+    stats = quant.convert_shards_fp8(tmp_path / "src", tmp_path / "dst", chunk_bytes=1000)
+    assert stats["largest_tensor_bytes"] == 300 * 70 * 2
+    for i, sh in enumerate(shards):
+        out = load_file(str(tmp_path / "dst" / f"m-{i}.safetensors"))
+        for k, v in sh.items():
+            if v.is_floating_point() and v.dim() >= 2:
+                q, s = quant.quantize_weight(v)
+                assert torch.equal(out[k].view(torch.uint8), q.view(torch.uint8)), k
+                assert torch.equal(out[k + "_scale_inv"], s), k
+                # negative control: one scale for the whole tensor gives different codes
+                per_tensor = (v.float() / (v.float().abs().max() / 448)).to(torch.float8_e4m3fn)
+                assert not torch.equal(out[k].view(torch.uint8), per_tensor.view(torch.uint8)), k
+            else:
+                assert torch.equal(out[k], v), k
+        assert len(out) == len(sh) + sum(v.is_floating_point() and v.dim() >= 2 for v in sh.values())

@@ -40,15 +40,15 @@ def test_existing_output_folder_refused(tiny_ckpt, tmp_path, capsys):
 @pytest.mark.parametrize("exc", [KeyboardInterrupt, RuntimeError], ids=["ctrl-c", "error"])
 def test_interrupted_export_leaves_no_folder(tiny_ckpt, tmp_path, monkeypatch, exc):
     calls = []
-    real = exporter_mod._export_one
+    real = exporter_mod.export_spec
 
-    def flaky(spec, path, cfg, plugins):
+    def flaky(spec, path, cfg, plugins, data_name, quant="none"):
         calls.append(spec.name)
         if len(calls) == 3:
             raise exc("interrupted in the middle of the export")
-        return real(spec, path, cfg, plugins)
+        return real(spec, path, cfg, plugins, data_name, quant)
 
-    monkeypatch.setattr(exporter_mod, "_export_one", flaky)
+    monkeypatch.setattr(exporter_mod, "export_spec", flaky)
     with pytest.raises(exc):
         export_model(tiny_ckpt, tmp_path / "out", plugins="none", max_seq_len=32, progress=None)
     assert len(calls) == 3

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +24,11 @@ ECHO_REPO = Path(__file__).parent / "echo_repo"
 
 @pytest.fixture(scope="module")
 def echo_server():
-    with TritonServer(ECHO_REPO) as server:
-        yield server
+    server = TritonServer(ECHO_REPO, exit_timeout_s=15).start()
+    yield server
+    log = server.log
+    code = server.stop()
+    assert code == 0, f"tritonserver did not unload every model after the tests (exit {code}):\n{log[-3000:]}"
 
 
 def test_binary_resolution_uses_private_backend_dir():
@@ -85,3 +93,58 @@ def test_broken_model_fails_startup_with_its_log(tmp_path):
     (repo / "echo/1/model.py").write_text("raise RuntimeError('deliberately broken model')\n")
     with pytest.raises(TritonServerError, match="deliberately broken model"):
         TritonServer(repo, startup_timeout_s=60).start()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live descendant pids of ``pid`` (from /proc; Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_command_forwards_signal_and_exits_cleanly(sig):
+    """``m3-trt serve`` as a user runs it: ready on the given ports, a signal stops Triton and its stubs."""
+    from m3_trt.serving.server import free_port
+
+    grpc, http, metrics = free_port(), free_port(), free_port()
+    exe = Path(sys.executable).with_name("m3-trt")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "m3_trt.cli"]
+    proc = subprocess.Popen([*cmd, "serve", str(ECHO_REPO), "--grpc-port", str(grpc), "--http-port", str(http),
+                             "--metrics-port", str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not M3Client(f"127.0.0.1:{grpc}", "echo_stream").is_ready():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.25)
+        family = _descendants(proc.pid)
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in family if _alive(p)}
+        assert "tritonserver" in names and any("stub" in n for n in names), names
+        assert M3Client(f"127.0.0.1:{grpc}", "echo").generate("still here", max_tokens=1).startswith("still here")
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "tritonserver exited with code 0" in out
+    assert not [p for p in family if _alive(p)], "tritonserver or a stub outlived m3-trt serve"

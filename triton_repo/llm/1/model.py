@@ -1,9 +1,9 @@
-"""llm step (decoupled): m3_trt TokenGenerator per request, interleaved token by token."""
+"""llm step (decoupled): a token generator (torch or ONNX Runtime) per request, interleaved token by token."""
 import numpy as np
 import torch
 import triton_python_backend_utils as pb
 
-from m3_trt.serving.pipeline import TokenGenerator
+from m3_trt.serving.pipeline import load_steps
 from m3_trt.serving.triton_glue import (InterleavedScheduler, error_response, model_parameters, read,
                                         read_scalar, sampling_params)
 
@@ -22,7 +22,7 @@ class TritonPythonModel:
     def initialize(self, args):
         p = model_parameters(args)
         torch.set_num_threads(int(p.get("torch_threads", "1")))
-        self.generator = TokenGenerator.from_pretrained(p["checkpoint"])
+        _, self.generator = load_steps(p)
         self.scheduler = InterleavedScheduler("llm")
 
     def _submit(self, request):

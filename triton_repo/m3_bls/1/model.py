@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb
 
-from m3_trt.serving.pipeline import Preprocessor, RequestError, TokenGenerator, split_image_rows, text_delta
+from m3_trt.serving.pipeline import Preprocessor, RequestError, load_steps, split_image_rows, text_delta
 from m3_trt.serving.triton_glue import (InterleavedScheduler, error_response, model_parameters, read,
                                         read_scalar, read_text, sampling_params)
 
@@ -20,7 +20,7 @@ class TritonPythonModel:
         torch.set_num_threads(int(p.get("torch_threads", "1")))
         self.pre = Preprocessor(p["checkpoint"], max_input_len=int(p["max_input_len"]),
                                 max_input_pixels=int(p["max_input_pixels"]))
-        self.generator = TokenGenerator.from_pretrained(p["checkpoint"])
+        _, self.generator = load_steps(p)
         self.scheduler = InterleavedScheduler("m3_bls")
 
     def _image_embeds(self, enc):

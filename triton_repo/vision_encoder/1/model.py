@@ -1,8 +1,8 @@
-"""vision_encoder step: all requests of a dynamic batch in one m3_trt VisionEncoder forward."""
+"""vision_encoder step: all requests of a dynamic batch in one VisionEncoder forward (torch or ONNX Runtime)."""
 import torch
 import triton_python_backend_utils as pb
 
-from m3_trt.serving.pipeline import VisionEncoder
+from m3_trt.serving.pipeline import load_steps
 from m3_trt.serving.triton_glue import error_response, model_parameters, read
 
 
@@ -10,7 +10,7 @@ class TritonPythonModel:
     def initialize(self, args):
         p = model_parameters(args)
         torch.set_num_threads(int(p.get("torch_threads", "1")))
-        self.encoder = VisionEncoder.from_pretrained(p["checkpoint"])
+        self.encoder, _ = load_steps(p)
 
     def execute(self, requests):
         batch = [(read(pb, r, "pixel_values"), read(pb, r, "image_grid_thw")) for r in requests]

@@ -1,0 +1,167 @@
+"""Route (b): the M3 text components written with TensorRT's network API (native LLM layers).
+
+What runs: ``build_network_engines`` builds the tiny checkpoint's embedding, all four decoder
+layers (full-dense, sparse-moe, sparse-dense, full-moe) and head in fp16, each in a child process,
+and every network's IO is compared with the fp16 ``--plugins none`` ONNX manifest (with route (b)'s
+one documented change: the indexer cache's unit head axis). Engines cannot run here, so the
+arithmetic is checked by running the same network-writing code on the torch shadow network
+(``network_shadow``) against the torch component (``export/onnx/components.py``), prefill and
+decode, block choices exactly. Negative controls: a wrong head count fails the build with a
+named cause; the raw (unadjusted) and a tampered manifest entry are reported as IO mismatches;
+non-contiguous positions (outside route (b)'s cache contract) are caught by the parity check.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tolerances import assert_close, rel_err, TOLERANCES
+
+pytestmark = pytest.mark.trt
+
+T, BATCH = 128, 4
+# the ONNX IO of a decoder graph depends only on its attention kind (components.py)
+ONNX_ENTRY = {"embedding": "embedding", "layer_0": "decoder_full_dense", "layer_1": "decoder_sparse_moe",
+              "layer_2": "decoder_sparse_moe", "layer_3": "decoder_full_dense", "head": "head"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    from m3_trt.model import M3ForConditionalGeneration
+
+    return M3ForConditionalGeneration.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def built(trt, model, tiny_ckpt, tmp_path_factory):
+    """(route (b) reports, fp16 --plugins none manifest of the components named in ONNX_ENTRY)."""
+    import json
+
+    from m3_trt.export.onnx import export_model
+    from m3_trt.export.tensorrt.network_model import build_network_engines
+
+    tmp = tmp_path_factory.mktemp("route_b")
+    exp = export_model(tiny_ckpt, tmp / "onnx", dtype="fp16", plugins="none", max_seq_len=T, max_batch=BATCH,
+                       components=sorted(set(ONNX_ENTRY.values())), progress=None)
+    manifest = json.loads((exp / "manifest.json").read_text())
+    reports = build_network_engines(model, tmp / "engines", dtype="fp16", max_batch=BATCH, max_seq_len=T,
+                                    progress=None)
+    return reports, {c["name"]: c for c in manifest["components"]}
+
+
+@pytest.mark.parametrize("name", list(ONNX_ENTRY))
+def test_route_b_builds_fp16_with_onnx_io(built, name):
+    from m3_trt.export.tensorrt.network_model import io_differences
+
+    reports, entries = built
+    rep = reports[name]
+    assert rep["ok"], f"{name}: {rep['stage']}: {rep['error']}"
+    assert rep["engine_bytes"] > 0 and rep["num_layers"] > 0
+    assert io_differences(rep, entries[ONNX_ENTRY[name]]) == []
+    if name.startswith("layer_"):
+        types = rep["layer_types"]
+        assert types.get("ATTENTION") == 1 and types.get("KV_CACHE_UPDATE") == (3 if name in ("layer_1", "layer_2") else 2)
+        assert types.get("ROTARY_EMBEDDING") == (4 if name in ("layer_1", "layer_2") else 2)
+
+
+def test_io_check_catches_mismatch(built):
+    """Negative control: without the documented change, or with a renamed input, the check reports it."""
+    from m3_trt.export.tensorrt.network_model import io_differences
+
+    reports, entries = built
+    raw = io_differences(reports["layer_1"], entries["decoder_sparse_moe"], documented=False)
+    assert raw and "idx_cache" in raw[0]
+    tampered = copy.deepcopy(entries["decoder_full_dense"])
+    tampered["inputs"][1]["name"] = "positions"
+    assert io_differences(reports["layer_0"], tampered) and not io_differences(reports["layer_0"], entries["decoder_full_dense"])
+
+
+def test_wrong_head_count_fails_clearly(trt, model, tmp_path):
+    from m3_trt.export.tensorrt.network_model import _ModelHandoff, build_in_child
+
+    with _ModelHandoff(model) as h:
+        rep = build_in_child(h, "layer_0", tmp_path / "bad.plan", dtype="fp16", max_batch=2, max_seq_len=T,
+                             num_heads=3, timeout_s=120)
+    assert not rep["ok"] and rep["stage"] == "write-network"
+    assert "3 heads x head_dim 16 = 48" in rep["error"]
+    assert not (tmp_path / "bad.plan").exists()
+
+
+# -- shadow parity: the same network-writing calls, interpreted in torch -------------------------
+
+def _feeds(cfg, sparse, dtype, start, S, gen, B=2):
+    x = torch.randn(B, S, cfg.hidden_size, generator=gen).to(dtype)
+    pos = (torch.arange(S) + start)[None].expand(B, S).contiguous()
+    kc = torch.randn(B, cfg.num_key_value_heads, T, cfg.head_dim, generator=gen).to(dtype)
+    vc = torch.randn(B, cfg.num_key_value_heads, T, cfg.head_dim, generator=gen).to(dtype)
+    ic = torch.randn(B, T, cfg.index_head_dim, generator=gen).to(dtype)
+    for c in (kc, vc):
+        c[:, :, start + S:] = 0  # unwritten slots hold zeros, like a real cache
+    ic[:, start + S:] = 0
+    feeds = dict(hidden=x, position_ids=pos, k_cache=kc, v_cache=vc)
+    if sparse:
+        feeds["idx_cache"] = ic[:, None].clone()
+    return feeds, ic
+
+
+def _compare(model, layer, dtype_name, feeds, ic):
+    from m3_trt.export.onnx import components as C
+    from m3_trt.export.tensorrt.network_model import shadow_run
+
+    comp = C.DecoderLayerComponent(model, layer)
+    with torch.no_grad():
+        ref = comp(feeds["hidden"], feeds["position_ids"], feeds["k_cache"].clone(), feeds["v_cache"].clone(),
+                   ic.clone() if comp.sparse else None)
+        out = shadow_run(model, f"layer_{layer}", feeds, dtype=dtype_name, max_seq_len=T)
+    return comp.sparse, ref, out
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
+@pytest.mark.parametrize("start,S", [(0, 40), (40, 1), (37, 5)], ids=["prefill-S40", "decode-at40", "chunk-37+5"])
+@pytest.mark.parametrize("layer", [0, 1, 2, 3], ids=["full-dense", "sparse-moe", "sparse-dense", "full-moe"])
+def test_shadow_matches_torch_component(trt, model, layer, start, S, dtype_name):
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+    m = model.to(dtype)
+    try:
+        feeds, ic = _feeds(m.config.text, m.model.language_model.layers[layer].self_attn.indexer is not None,
+                           dtype, start, S, torch.Generator().manual_seed(0))
+        sparse, ref, out = _compare(m, layer, dtype_name, feeds, ic)
+    finally:
+        model.float()
+    stage = "trt_network_shadow"
+    assert_close(out["hidden_out"], ref[0], stage, dtype_name, "hidden_out")
+    assert_close(out["k_cache_out"], ref[1], stage, dtype_name, "k_cache_out")
+    assert_close(out["v_cache_out"], ref[2], stage, dtype_name, "v_cache_out")
+    if sparse:
+        assert_close(out["idx_cache_out"][:, 0], ref[3], stage, dtype_name, "idx_cache_out")
+        assert torch.equal(out["block_idx"], ref[4]), "indexer block choice differs"
+
+
+def test_shadow_embedding_and_head(trt, model):
+    from m3_trt.export.onnx import components as C
+    from m3_trt.export.tensorrt.network_model import shadow_run
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.text.vocab_size, (2, 7), generator=g)
+    h = torch.randn(2, 7, model.config.text.hidden_size, generator=g)
+    with torch.no_grad():
+        emb = shadow_run(model, "embedding", {"input_ids": ids}, dtype="fp32", max_seq_len=T)
+        head = shadow_run(model, "head", {"hidden": h}, dtype="fp32", max_seq_len=T)
+        logits, normed = C.Head(model)(h)
+    assert_close(emb["inputs_embeds"], C.Embedding(model)(ids), "trt_network_shadow", "fp32", "embedding")
+    assert_close(head["logits"], logits, "trt_network_shadow", "fp32", "logits")
+    assert_close(head["type_as"], normed, "trt_network_shadow", "fp32", "final norm")
+
+
+def test_shadow_parity_catches_noncontiguous_positions(trt, model):
+    """Negative control: positions with a gap break add_kv_cache_update's one-start-slot contract
+    (documented); the parity check must see it in the cache and the output."""
+    feeds, ic = _feeds(model.config.text, True, torch.float32, 0, 5, torch.Generator().manual_seed(0))
+    feeds["position_ids"] = torch.tensor([[0, 1, 2, 6, 7]] * 2)
+    _, ref, out = _compare(model, 1, "fp32", feeds, ic)
+    tol = TOLERANCES[("trt_network_shadow", "fp32")]
+    assert rel_err(out["k_cache_out"], ref[1]) > 100 * tol
+    assert rel_err(out["hidden_out"], ref[0]) > 100 * tol
