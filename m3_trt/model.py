@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .cache import LayerCache, StaticCache, write_idx, write_kv
 from .config import M3Config, TextConfig
+from .plugins.swiglu_moe.reference import swiglu_oai  # the one SwiGLU-OAI (dense MLP, shared expert, experts)
 from .vision import Projector, VisionTower, vision_position_ids, vision_segment_ids
 
 # reference: the readable spec; torch: linear-memory CPU path; triton: GPU kernels (interpreter on CPU);
@@ -93,13 +94,6 @@ def apply_rope(x_BHSD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tenso
     return torch.cat([xr * c + torch.cat((-x2, x1), dim=-1) * s, xp], dim=-1)
 
 
-def swiglu_oai(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    gate, up = gate_up.chunk(2, dim=-1)
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return (up + 1.0) * (gate * torch.sigmoid(gate * alpha))
-
-
 class DenseMLP(nn.Module):
     def __init__(self, cfg: TextConfig, inter: int):
         super().__init__()
@@ -108,7 +102,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(swiglu_oai(self.gate_up_proj(x), self.alpha, self.limit))
+        return self.down_proj(swiglu_oai(self.gate_up_proj(x), alpha=self.alpha, limit=self.limit))
 
 
 class Router(nn.Module):

@@ -9,8 +9,11 @@ batch/seq axes, static cache length):
 
 * ``embedding``: ``input_ids [B,S] int64 -> inputs_embeds [B,S,Dm]`` (one gather).
 * ``layer_<i>``: ``hidden [B,S,Dm], position_ids [B,S] int64, k_cache/v_cache [B,G,T,D]
-  [, idx_cache [B,T,Di]] -> hidden_out, k_cache_out, v_cache_out [, idx_cache_out, block_idx
-  [B,G,S,K] int32]``.
+  [, idx_cache [B,1,T,Di]] -> hidden_out, k_cache_out, v_cache_out [, idx_cache_out [B,1,T,Di],
+  block_idx [B,G,S,K] int32]``. The one IO change: the ONNX ``idx_cache`` is ``[B,T,Di]``;
+  ``add_kv_cache_update`` needs a 4-D cache that is itself a network input ("The cache tensor
+  must be a network input"), so route (b) takes it with a unit head axis (same bytes, same
+  buffer; ``DOCUMENTED_IO_CHANGES``).
 * ``head``: ``hidden -> logits [B,S,V], type_as [B,S,Dm]`` (the final-norm hidden state; the
   ONNX exporter named that output after torch's ``type_as`` node and we keep the name so the
   engines of both routes are interchangeable).
@@ -361,8 +364,8 @@ def build_network_engines(model, out_dir, *, dtype: str = "fp16", max_batch: int
                           timeout_s: float = 600.0, progress=print) -> dict[str, dict]:
     """Build route (b) engines for embedding, every decoder layer and the head into ``out_dir``.
 
-    Each build runs in a child process (the builder can abort); the model is handed over as
-    its checkpoint path when it has one (``model.source_path``) or else pickled. Returns
+    Each build runs in a child process (the builder can abort); the model's config and state dict
+    are saved once to a temporary file the children load. Returns
     ``{component: BuildReport dict}`` (also written to ``out_dir/report.json``); with an ONNX
     ``manifest`` each report gains ``io_diff`` (empty when the IO equals the ONNX component's).
     """

@@ -128,6 +128,16 @@ def find_tritonserver(*, prefer_system: bool = True, cache_dir: Path | None = No
     return _pytriton_binary(cache_dir)
 
 
+def _parent_death_sigterm() -> None:
+    """In the child before exec: SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG; Linux only)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 == PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the server then outlives a SIGKILLed parent, as before
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (racy by nature; good enough for loopback tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -143,6 +153,8 @@ class TritonServer:
     loaded explicitly, all at start (``--model-control-mode=explicit --load-model=*``), and
     startup fails if any fails. ``exit_timeout_s`` is Triton's ``--exit-timeout-secs``: how long
     a stop waits for in-flight requests and model unloads before Triton gives up and exits 1.
+    ``die_with_parent`` (Linux) has the kernel SIGTERM Triton when the thread that started it
+    dies, even by SIGKILL; ``serve`` uses it so a killed ``m3-trt serve`` leaves no server behind.
     """
 
     def __init__(
@@ -160,6 +172,7 @@ class TritonServer:
         shm_default_byte_size: int = 1 << 20,
         extra_args: tuple[str, ...] = (),
         env: dict | None = None,
+        die_with_parent: bool = False,
         binary: TritonBinary | None = None,
     ):
         self.repo = Path(repo).resolve()
@@ -175,6 +188,7 @@ class TritonServer:
         self.shm_default_byte_size = shm_default_byte_size
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
+        self.die_with_parent = die_with_parent
         self.binary = binary or find_tritonserver()
         self.shm_prefix = f"m3trt_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._log_path = Path(log_path) if log_path else None
@@ -240,6 +254,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # our own process group: signals reach the stubs too
+            preexec_fn=_parent_death_sigterm if self.die_with_parent else None,
         )
         try:
             self.wait_ready(self.startup_timeout_s, abort)
@@ -325,7 +340,7 @@ def serve(
     """
     server = TritonServer(
         repo, grpc_port=grpc_port or 8001, http_port=http_port or 8000,
-        metrics_port=metrics_port or 8002, host=host, log_verbose=log_verbose,
+        metrics_port=metrics_port or 8002, host=host, log_verbose=log_verbose, die_with_parent=True,
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}

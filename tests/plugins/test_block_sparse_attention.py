@@ -96,6 +96,22 @@ def test_torch_impl_small_tiles_match():
     assert rel_err(out, ref) <= TOL, f"seed={seed}: rel err {rel_err(out, ref):.3e}"
 
 
+@pytest.mark.parametrize("path", ["union", "blocks"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_impl_forced_paths_match_reference(case, path):
+    """Both strategies of torch_impl (tile union gather; per-key-block scatter) on every case."""
+    from m3_trt.plugins.block_sparse_attention.torch_impl import block_sparse_attention_torch
+
+    seed = fresh_seed()
+    args, kw = _inputs(case)
+    ref = block_sparse_attention(*args, **kw)
+    out = block_sparse_attention_torch(*args, **kw, path=path)
+    assert rel_err(out, ref) <= TOL, f"seed={seed} path={path}: rel err {rel_err(out, ref):.3e}"
+    bad_args, bad_kw = _negative(args, kw)
+    bad = block_sparse_attention_torch(*bad_args, **bad_kw, path=path)
+    assert rel_err(bad, ref) > 100 * TOL, f"seed={seed} path={path}: negative control not detected"
+
+
 def test_shape_errors_name_the_tensor():
     args, kw = _inputs("B1-S5-Hq4-G1-T5-blk16-top4-loc1-shorter-than-block")
     q, k, v, idx, pos = args
