@@ -122,7 +122,8 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["SIGINT", "SIGTERM", "SIGKILL"])
+# SIGTERM takes the same handler as SIGINT in serve(); one run of each kind of ending is enough here.
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_serve_command_forwards_signal_and_exits_cleanly(sig):
     """``m3-trt serve`` as a user runs it: ready on the given ports, a signal stops Triton and its stubs.
 
