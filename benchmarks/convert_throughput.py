@@ -1,32 +1,34 @@
 """Shard-by-shard FP8 conversion throughput vs plain file-read speed, and the conversion's peak memory.
 
-Writes a ~2 GB random bf16 checkpoint (several shards, fsynced) into a temp dir on the same disk as
-the output, then, in this order:
+Writes a ~2 GB random bf16 checkpoint (4 shards of 64 MiB ``[4096, 8192]`` tensors, fsynced) into a
+temp dir on the same disk as the output, then runs ``--rounds`` rounds (default 3) of, in this order:
 
 * **cold read**: every file's pages evicted (``posix_fadvise(DONTNEED)``), then plain ``readinto``
-  in 16 MiB chunks — the machine's plain file-read speed from disk;
-* **warm read**: the same read again (files now in the page cache);
+  in 16 MiB chunks, one file after the other — the machine's plain file-read speed from disk;
 * **cold conversion**: source pages evicted again, then ``m3_trt.quant.convert_shards_fp8`` in a
   child process that does nothing else (imports, converts, exits). Its peak RSS is the child's own
   ``VmHWM`` (``/proc/self/status``), read right after its imports and after converting, so the
-  conversion's own share (peak - baseline) is shown beside the whole-process figure.
-  ``getrusage(RUSAGE_CHILDREN)`` is recorded too but is not the child's own figure: Linux carries
-  ``ru_maxrss`` across fork + exec, so it starts at this parent's RSS;
-* **warm conversion**: the same, source in the page cache.
+  conversion's own share (peak - baseline) is shown beside the whole-process figure;
+* **warm read** and **warm conversion**: the same, the source now in the page cache.
+
+Cold and warm figures are medians over the rounds; interleaving read and convert in each round
+keeps both under the same load (the machine is shared: the load average is recorded before and
+after). **Quantize only**: the conversion's per-row kernel on an in-memory tensor (no IO), one torch
+thread, and two threads on two tensors at once — the compute ceiling of the conversion.
 
 Speeds are input bytes per second (what a user's checkpoint size divides by); the conversion time
-includes writing and fsyncing its output. JSON to ``benchmarks/results/convert-<host>.json`` with the
-machine and the load average (the machine is shared: numbers move with the load).
+includes writing and fsyncing its output. JSON to ``benchmarks/results/convert-<host>.json``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,17 +36,16 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from m3_trt.quant import convert_shards_fp8
 def hwm():  # this process's own peak RSS (KiB); ru_maxrss would include the forking parent's
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = hwm()
 t0 = time.perf_counter()
-stats = convert_shards_fp8(sys.argv[1], sys.argv[2])
+stats = convert_shards_fp8(sys.argv[1], sys.argv[2], workers=int(sys.argv[3]), chunk_bytes=int(sys.argv[4]))
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "baseline_rss_kib": base, "peak_rss_kib": hwm(),
-                  "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, **stats}))
+print(json.dumps({"seconds": dt, "baseline_rss_kib": base, "peak_rss_kib": hwm(), **stats}))
 """
 
 
@@ -68,21 +69,51 @@ def read_all(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def convert_in_child(src: Path, dst: Path) -> dict:
+def convert_in_child(src: Path, dst: Path, workers: int, chunk_bytes: int) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst)], check=True, capture_output=True,
-                         text=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    # RUSAGE_CHILDREN is reported for reference only: Linux keeps a process's maxrss across
-    # fork + exec, so it starts at this (parent) process's RSS, which holds the generated checkpoint
-    res["rusage_children_maxrss_kib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return res
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), str(workers), str(chunk_bytes)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64) -> dict:
+def quantize_only(x_RC, threads: int, repeats: int = 3) -> float:
+    """Input MB/s of the conversion's row kernel on in-memory data, ``threads`` tensors at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from m3_trt.quant import _SUB_BYTES, E4M3, _RowQuantizer
+
+    rows, cols = x_RC.shape
+    sub = _SUB_BYTES // (cols * x_RC.element_size())
+
+    def one(_):
+        q = _RowQuantizer(x_RC.dtype, cols, sub)
+        codes, scales = torch.empty(rows, cols, dtype=E4M3), torch.empty(rows, 1)
+        for r in range(0, rows, sub):
+            q(x_RC[r:r + sub], codes[r:r + sub], scales[r:r + sub])
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = float("inf")
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                list(pool.map(one, range(threads)))
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return threads * x_RC.nbytes / best / 1e6
+
+
+def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: int = 3, workers: int = 2,
+         chunk_mib: int = 16) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    chunk_bytes = chunk_mib << 20
+    load_before = [round(x, 2) for x in os.getloadavg()]
     tmp = Path(tempfile.mkdtemp(prefix="m3-convert-", dir=os.environ.get("M3_BENCH_TMP")))
     try:
         src, dst = tmp / "src", tmp / "dst"
@@ -95,37 +126,51 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64) -> dict:
             save_file({f"layers.{s}.{i}.weight": torch.randn(rows, cols, generator=g).to(torch.bfloat16)
                        for i in range(per_shard)} | {f"layers.{s}.norm.weight": torch.ones(cols)},
                       str(src / f"model-{s:05d}.safetensors"))
+        x_RC = torch.randn(rows, cols, generator=g).to(torch.bfloat16)
+        q1, q2 = quantize_only(x_RC, 1), quantize_only(x_RC, 2)
+        del x_RC
         files = sorted(src.glob("*.safetensors"))
         total = sum(f.stat().st_size for f in files)
         largest = rows * cols * 2
-        evict(files)
-        cold_s = read_all(files)
-        warm_s = read_all(files)
-        evict(files)
-        cold = convert_in_child(src, dst)
-        warm = convert_in_child(src, dst)  # source pages are cached now
-        mb = lambda s: round(total / s / 1e6, 1)  # noqa: E731
-        peak_mib = max(cold["peak_rss_kib"], warm["peak_rss_kib"]) / 1024
-        ru_children_mib = warm["rusage_children_maxrss_kib"] / 1024
-        base_mib = cold["baseline_rss_kib"] / 1024
+        runs = {"read_cold": [], "convert_cold": [], "read_warm": [], "convert_warm": []}
+        children = []
+        for _ in range(rounds):
+            evict(files)
+            runs["read_cold"].append(read_all(files))
+            evict(files)
+            children.append(convert_in_child(src, dst, workers, chunk_bytes))
+            runs["convert_cold"].append(children[-1]["seconds"])
+            runs["read_warm"].append(read_all(files))
+            children.append(convert_in_child(src, dst, workers, chunk_bytes))
+            runs["convert_warm"].append(children[-1]["seconds"])
+        mbps = {k: [round(total / s / 1e6, 1) for s in v] for k, v in runs.items()}
+        med = {k: statistics.median(v) for k, v in mbps.items()}
+        peak_mib = max(c["peak_rss_kib"] for c in children) / 1024
+        base_mib = min(c["baseline_rss_kib"] for c in children) / 1024
+        extra_mib = max(c["peak_rss_kib"] - c["baseline_rss_kib"] for c in children) / 1024
         res = {
             "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "convert_workers": 2, "convert_torch_threads_per_worker": 1, "checkpoint_bytes": total, "shards": n_shards,
-            "largest_tensor_bytes": largest,
-            "read_cold_MBps": mb(cold_s), "read_warm_MBps": mb(warm_s),
-            "convert_cold_MBps": mb(cold["seconds"]), "convert_warm_MBps": mb(warm["seconds"]),
-            "convert_cold_over_read_cold": round(cold_s / cold["seconds"], 3),
-            "convert_warm_over_read_warm": round(warm_s / warm["seconds"], 3),
-            "target_half_of_cold_read_met": cold_s / cold["seconds"] >= 0.5,
+            "cores": os.cpu_count(), "load_average_1_5_15_before": load_before,
+            "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+            "method": f"{rounds} rounds of (evict, cold read, evict, cold convert, warm read, warm convert); "
+                      "medians; read = readinto 16 MiB one file after the other; convert = child process, "
+                      "timed from after imports to after fsync of every output file",
+            "convert_workers": workers, "convert_chunk_MiB": chunk_mib, "convert_torch_threads_per_worker": 1,
+            "checkpoint_bytes": total, "shards": n_shards, "largest_tensor_bytes": largest,
+            "runs_MBps": mbps,
+            "read_cold_MBps": med["read_cold"], "read_warm_MBps": med["read_warm"],
+            "convert_cold_MBps": med["convert_cold"], "convert_warm_MBps": med["convert_warm"],
+            "quantize_only_MBps_1_thread": round(q1, 1), "quantize_only_MBps_2_threads": round(q2, 1),
+            "convert_cold_over_read_cold": round(med["convert_cold"] / med["read_cold"], 3),
+            "convert_warm_over_read_warm": round(med["convert_warm"] / med["read_warm"], 3),
+            "target_half_of_cold_read_met": med["convert_cold"] >= 0.5 * med["read_cold"],
             "child_peak_rss_MiB": round(peak_mib, 1), "child_rss_after_imports_MiB": round(base_mib, 1),
-            "conversion_extra_rss_MiB": round(peak_mib - base_mib, 1),
-            "rusage_children_maxrss_MiB_inherits_parent": round(ru_children_mib, 1),
+            "conversion_extra_rss_MiB": round(extra_mib, 1),
             "two_x_largest_tensor_MiB": round(2 * largest / 2**20, 1),
-            "conversion_extra_under_2x_largest": (peak_mib - base_mib) * 2**20 < 2 * largest,
+            "conversion_extra_under_2x_largest": extra_mib * 2**20 < 2 * largest,
             "whole_child_under_2x_largest": peak_mib * 2**20 < 2 * largest,
-            "bytes_out": cold["bytes_out"],
-            "note": "convert time includes writing + fsync of the output; RSS of the child includes "
+            "bytes_out": children[0]["bytes_out"],
+            "note": "convert time includes writing + fsync of the output (bytes_out); RSS of the child includes "
                     "Python + torch imports (child_rss_after_imports_MiB)",
         }
     finally:
@@ -138,4 +183,10 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--chunk-mib", type=int, default=16)
+    ap.add_argument("--total-gb", type=float, default=2.0)
+    a = ap.parse_args()
+    main(total_gb=a.total_gb, rounds=a.rounds, workers=a.workers, chunk_mib=a.chunk_mib)

@@ -314,7 +314,10 @@ def _vision_from_dict(raw: dict[str, Any]) -> VisionConfig:
 # -- named presets ------------------------------------------------------------------------------
 
 def full_size() -> M3Config:
-    """The published MiniMax-M3-VL shape (60 layers; dense first layers, MoE after, sparse attention mixed in)."""
+    """The full-size MiniMax-M3-VL dimensions (hidden 6144, 60 layers, 64/4 heads, 128 experts top-4,
+    vision 1280 × 32). The per-layer pattern here (3 dense layers then MoE; every 4th layer full
+    attention) is illustrative, for plans and export tests: real checkpoints carry their own
+    ``layer_types`` / ``mlp_layer_types`` in config.json, which is what every command reads."""
     n = 60
     layer_types = tuple("minimax_m3_sparse" if i % 4 != 0 else "full_attention" for i in range(n))
     mlp_types = tuple("dense" if i < 3 else "sparse" for i in range(n))

@@ -9,6 +9,10 @@ Each image (or video clip: all its frames, ``merge_temporal``) attends only with
 ``2·((Dh//3)//2)`` rotated dims, laid out ``[t‖h‖w] ‖ [t‖h‖w]`` (the rest pass through).
 The projector maps each patch Dv → Dt (GELU MLP), then fuses each 2×2 merge group (4 patches,
 consecutive in that order) into one Dt token with a second GELU MLP.
+
+The per-image segmentation is a block-diagonal ``[N, N]`` mask from segment ids, so the tower is
+one static graph for export; its memory is quadratic in the patches of one request (fine for the
+pixel budgets a server enforces; a per-image loop or a varlen kernel avoids it on long videos).
 """
 
 from __future__ import annotations

@@ -29,11 +29,14 @@ def layer_model(export_dir: Path, graph_file: str, data_file: str):
     return model
 
 
-def session_options(plugins: bool):
+def session_options(plugins: bool, threads: int | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3  # constant-folding notes about CastLike are noise here
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
     if plugins:
         from m3_trt.plugins import onnx_ops
 
@@ -42,7 +45,9 @@ def session_options(plugins: bool):
 
 
 class OnnxModel:
-    def __init__(self, export_dir: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    def __init__(self, export_dir: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 threads: int | None = None):
+        """``threads``: intra-op threads per session (None: ONNX Runtime's default, all cores)."""
         import onnxruntime as ort
 
         from m3_trt.config import M3Config
@@ -54,7 +59,7 @@ class OnnxModel:
         if self.dtype is None:
             raise RuntimeError("bf16 exports cannot run in ONNX Runtime's CPU provider (no bf16 kernels); "
                                "build them with TensorRT")
-        so = session_options(self.manifest["plugins"] == "m3")
+        so = session_options(self.manifest["plugins"] == "m3", threads)
         self.sessions: dict[str, object] = {}
         self.layer_sessions: dict[int, object] = {}
         for comp in self.manifest["components"]:

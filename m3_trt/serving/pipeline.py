@@ -274,7 +274,8 @@ def load_steps(params: dict[str, str]) -> tuple[VisionEncoder, "TokenGenerator |
     if backend == "onnxruntime":
         from m3_trt.export.onnx.runtime import OnnxModel
 
-        model = OnnxModel(params["export_dir"])
+        # the same per-instance thread budget as the torch steps (instances scale, not threads)
+        model = OnnxModel(params["export_dir"], threads=int(params.get("torch_threads", 1)))
         return VisionEncoder.from_onnx(model), OnnxTokenGenerator(model)
     raise ValueError(f"backend {backend!r} cannot run in a python-backend step (torch | onnxruntime)")
 
