@@ -11,6 +11,8 @@ temp dir on the same disk as the output, then runs ``--rounds`` rounds (default 
   conversion's own share (peak - baseline) is shown beside the whole-process figure;
 * **warm read** and **warm conversion**: the same, the source now in the page cache.
 
+Before each timed step the previous output is deleted and ``os.sync()`` run (see :func:`clear`).
+
 Cold and warm figures are medians over the rounds; interleaving read and convert in each round
 keeps both under the same load (the machine is shared: the load average is recorded before and
 after). **Quantize only**: the conversion's per-row kernel on an in-memory tensor (no IO), one torch
@@ -69,8 +71,14 @@ def read_all(paths: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
-def convert_in_child(src: Path, dst: Path, workers: int, chunk_bytes: int) -> dict:
+def clear(dst: Path) -> None:
+    """Delete the last output and let the disk settle before timing anything: the root fs is mounted
+    with ``discard``, and the trims of ~1 GB of freed blocks would otherwise run during the next run."""
     shutil.rmtree(dst, ignore_errors=True)
+    os.sync()
+
+
+def convert_in_child(src: Path, dst: Path, workers: int, chunk_bytes: int) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), str(workers), str(chunk_bytes)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,7 +90,7 @@ def quantize_only(x_RC, threads: int, repeats: int = 3) -> float:
 
     import torch
 
-    from m3_trt.quant import _SUB_BYTES, E4M3, _RowQuantizer
+    from m3_trt.quant_convert import _SUB_BYTES, E4M3, _RowQuantizer
 
     rows, cols = x_RC.shape
     sub = _SUB_BYTES // (cols * x_RC.element_size())
@@ -108,7 +116,7 @@ def quantize_only(x_RC, threads: int, repeats: int = 3) -> float:
 
 
 def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: int = 3, workers: int = 2,
-         chunk_mib: int = 16) -> dict:
+         chunk_mib: int = 1) -> dict:
     import torch
     from safetensors.torch import save_file
 
@@ -135,11 +143,13 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: 
         runs = {"read_cold": [], "convert_cold": [], "read_warm": [], "convert_warm": []}
         children = []
         for _ in range(rounds):
+            clear(dst)
             evict(files)
             runs["read_cold"].append(read_all(files))
             evict(files)
             children.append(convert_in_child(src, dst, workers, chunk_bytes))
             runs["convert_cold"].append(children[-1]["seconds"])
+            clear(dst)
             runs["read_warm"].append(read_all(files))
             children.append(convert_in_child(src, dst, workers, chunk_bytes))
             runs["convert_warm"].append(children[-1]["seconds"])
@@ -154,7 +164,8 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: 
             "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
             "method": f"{rounds} rounds of (evict, cold read, evict, cold convert, warm read, warm convert); "
                       "medians; read = readinto 16 MiB one file after the other; convert = child process, "
-                      "timed from after imports to after fsync of every output file",
+                      "timed from after imports to after fsync of every output file; previous output deleted and "
+                      "os.sync() before each timed step",
             "convert_workers": workers, "convert_chunk_MiB": chunk_mib, "convert_torch_threads_per_worker": 1,
             "checkpoint_bytes": total, "shards": n_shards, "largest_tensor_bytes": largest,
             "runs_MBps": mbps,
@@ -186,7 +197,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--chunk-mib", type=int, default=16)
+    ap.add_argument("--chunk-mib", type=int, default=1)
     ap.add_argument("--total-gb", type=float, default=2.0)
     a = ap.parse_args()
     main(total_gb=a.total_gb, rounds=a.rounds, workers=a.workers, chunk_mib=a.chunk_mib)
