@@ -72,9 +72,21 @@ def build_engines(export_dir: str | Path, *, dtype: str | None = None, only: lis
             finally:
                 if tmp_onnx is not None:
                     tmp_onnx.unlink(missing_ok=True)
-            reports[name] = rep.to_dict()
+            reports[name] = _relative(rep.to_dict(), export_dir)
             if progress:
                 status = f"ok, {rep.to_dict().get('engine_bytes', 0)} bytes" if rep.ok else f"FAILED: {rep.error}"
                 progress(f"[tensorrt] {name}: {status} ({rep.seconds:.1f}s)")
     (engines / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
     return reports
+
+
+def _relative(report: dict, root: Path) -> dict:
+    """Engine paths relative to the export folder: builds are written in a temporary folder and
+    renamed into place, so an absolute path would point at the folder that no longer exists."""
+    path = report.get("engine_path")
+    if path:
+        try:
+            report["engine_path"] = str(Path(path).relative_to(root))
+        except ValueError:
+            pass
+    return report

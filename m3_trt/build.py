@@ -397,7 +397,7 @@ def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
     import onnx
 
     from m3_trt.export.tensorrt import build_in_subprocess
-    from m3_trt.export.tensorrt_build import profile_for
+    from m3_trt.export.tensorrt_build import _relative, profile_for
 
     manifest = json.loads((rank_dir / "manifest.json").read_text())
     eng = rank_dir / "engines"
@@ -420,7 +420,7 @@ def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
                                           plugins=("m3",) if manifest["plugins"] == "m3" else ())
             finally:
                 tmp.unlink(missing_ok=True)
-            reports[name] = rep.to_dict()
+            reports[name] = _relative(rep.to_dict(), rank_dir)
             log(f"[tensorrt] rank{manifest['rank']} {name}: {'ok' if rep.ok else 'FAILED: ' + str(rep.error)}")
     (eng / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
     return sorted(q for q in eng.iterdir() if q.is_file())
