@@ -11,6 +11,17 @@ IMPLS = ("reference", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_IMPL_MODULES = {"reference": "reference", "torch": "torch_impl", "triton": "triton_kernel"}
+
+
+def implementation(package: str, op: str, impl: str):
+    """``<package>.<module>.<op>_<impl>``, imported on first use (Triton kernels must not load early)."""
+    import importlib
+
+    check_impl(impl)
+    return getattr(importlib.import_module(f"{package}.{_IMPL_MODULES[impl]}"), f"{op}_{impl}")
+
+
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

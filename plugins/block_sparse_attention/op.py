@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from .._common import implementation
+
 
 def _run(impl: str, *args, **kwargs) -> torch.Tensor:
-    if impl == "reference":
-        from .reference import block_sparse_attention_reference as fn
-    elif impl == "torch":
-        from .torch_impl import block_sparse_attention_torch as fn
-    elif impl == "triton":
-        from .triton_kernel import block_sparse_attention_triton as fn
-    else:
-        raise ValueError(f"unknown impl {impl!r}")
-    return fn(*args, **kwargs)
+    return implementation(__package__, "block_sparse_attention", impl)(*args, **kwargs)
 
 
 @torch.library.custom_op("m3::block_sparse_attention", mutates_args=())

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from .._common import implementation
+
 
 def _run(impl: str, *args, **kwargs) -> torch.Tensor:
-    if impl == "reference":
-        from .reference import swiglu_moe_reference as fn
-    elif impl == "torch":
-        from .torch_impl import swiglu_moe_torch as fn
-    elif impl == "triton":
-        from .triton_kernel import swiglu_moe_triton as fn
-    else:
-        raise ValueError(f"unknown impl {impl!r}")
-    return fn(*args, **kwargs)
+    return implementation(__package__, "swiglu_moe", impl)(*args, **kwargs)
 
 
 @torch.library.custom_op("m3::swiglu_moe", mutates_args=())
