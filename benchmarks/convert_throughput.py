@@ -17,6 +17,7 @@ Cold and warm figures are medians over the rounds; interleaving read and convert
 keeps both under the same load (the machine is shared: the load average is recorded before and
 after). **Quantize only**: the conversion's per-row kernel on an in-memory tensor (no IO), one torch
 thread, and two threads on two tensors at once — the compute ceiling of the conversion.
+``--torch-kernel`` quantizes with torch ops instead of the fused C kernel (for comparison).
 
 Speeds are input bytes per second (what a user's checkpoint size divides by); the conversion time
 includes writing and fsyncing its output. JSON to ``benchmarks/results/convert-<host>.json``.
@@ -115,7 +116,7 @@ def quantize_only(x_RC, threads: int, repeats: int = 3) -> float:
     return threads * x_RC.nbytes / best / 1e6
 
 
-def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: int = 3, workers: int = 2,
+def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: int = 3, workers: int = 4,
          chunk_mib: int = 1) -> dict:
     import torch
     from safetensors.torch import save_file
@@ -158,8 +159,11 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: 
         peak_mib = max(c["peak_rss_kib"] for c in children) / 1024
         base_mib = min(c["baseline_rss_kib"] for c in children) / 1024
         extra_mib = max(c["peak_rss_kib"] - c["baseline_rss_kib"] for c in children) / 1024
+        from m3_trt.quant_convert import _c_kernel
+
         res = {
             "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
+            "quantize_kernel": "fused C (m3_trt.quant_convert._c_kernel)" if _c_kernel() else "torch div + cast",
             "cores": os.cpu_count(), "load_average_1_5_15_before": load_before,
             "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
             "method": f"{rounds} rounds of (evict, cold read, evict, cold convert, warm read, warm convert); "
@@ -196,8 +200,11 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--chunk-mib", type=int, default=1)
     ap.add_argument("--total-gb", type=float, default=2.0)
+    ap.add_argument("--torch-kernel", action="store_true", help="quantize with torch ops, not the fused C kernel")
     a = ap.parse_args()
+    if a.torch_kernel:
+        os.environ["M3_TRT_NO_CKERNEL"] = "1"  # read on first use here and in the children
     main(total_gb=a.total_gb, rounds=a.rounds, workers=a.workers, chunk_mib=a.chunk_mib)
