@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DIM_RANGES = {"batch": ("max_batch", 1), "seq": ("max_seq_len", 1), "patches": ("max_patches", 4)}
@@ -35,6 +37,26 @@ def profile_for(component: dict, manifest: dict, max_patches: int = 1024) -> dic
     return prof
 
 
+@contextmanager
+def graph_for(export_dir: Path, graph_file: str, data_file: str | None, name: str) -> Iterator[Path]:
+    """An ONNX file TensorRT's parser can take for one layer: the shared graph re-pointed at the
+    layer's weight file, saved next to the data (the parser resolves external data relative to the
+    file) and removed afterwards. Without ``data_file`` the graph itself."""
+    if data_file is None:
+        yield export_dir / graph_file
+        return
+    import onnx
+
+    from m3_trt.export.onnx.runtime import layer_graph
+
+    tmp = export_dir / f".{name}.{os.getpid()}.onnx"
+    onnx.save(layer_graph(export_dir, graph_file, data_file), str(tmp))
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def build_engines(export_dir: str | Path, *, dtype: str | None = None, only: list[str] | None = None,
                   timeout_s: float = 600.0, progress=print) -> dict[str, dict]:
     """Build one engine per component (and per decoder layer); returns name -> BuildReport dict."""
@@ -53,25 +75,10 @@ def build_engines(export_dir: str | Path, *, dtype: str | None = None, only: lis
         for name, data in targets:
             if only and name not in only and comp["name"] not in only:
                 continue
-            onnx_path = export_dir / comp["file"]
-            tmp_onnx = None
-            if data is not None and data != comp["layers"][min(comp["layers"], key=int)]:
-                import onnx
-
-                model = onnx.load(str(export_dir / comp["file"]), load_external_data=False)
-                for init in model.graph.initializer:
-                    for e in init.external_data:
-                        if e.key == "location":
-                            e.value = data
-                tmp_onnx = export_dir / f".{name}.{os.getpid()}.onnx"
-                onnx.save(model, str(tmp_onnx))
-                onnx_path = tmp_onnx
-            try:
+            own = comp["layers"][min(comp["layers"], key=int)] if data is not None else None  # the graph's own
+            with graph_for(export_dir, comp["file"], None if data == own else data, name) as onnx_path:
                 rep = build_in_subprocess(onnx_path, engines / f"{name}.plan", profiles=profile_for(comp, manifest),
                                           dtype=dtype, plugins=plugins, timeout_s=timeout_s)
-            finally:
-                if tmp_onnx is not None:
-                    tmp_onnx.unlink(missing_ok=True)
             reports[name] = _relative(rep.to_dict(), export_dir)
             if progress:
                 status = f"ok, {rep.to_dict().get('engine_bytes', 0)} bytes" if rep.ok else f"FAILED: {rep.error}"

@@ -394,10 +394,8 @@ def _engines(work: Path, tgt: Target, lay, dirs: dict[int, Path], piece, log) ->
 
 def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
     """One engine per (layer, part) of a rank's split graphs (weights baked in)."""
-    import onnx
-
     from m3_trt.export.tensorrt import build_in_subprocess
-    from m3_trt.export.tensorrt_build import _relative, profile_for
+    from m3_trt.export.tensorrt_build import _relative, graph_for, profile_for
 
     manifest = json.loads((rank_dir / "manifest.json").read_text())
     eng = rank_dir / "engines"
@@ -407,19 +405,10 @@ def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
         for part in ("attn", "mlp"):
             p = entry[part]
             name = f"layer_{entry['index']}.{part}"
-            model = onnx.load(str(rank_dir / p["file"]), load_external_data=False)
-            for init in model.graph.initializer:
-                for e in init.external_data:
-                    if e.key == "location":
-                        e.value = p["data"]
-            tmp = rank_dir / f".{name}.{os.getpid()}.onnx"
-            onnx.save(model, str(tmp))
-            try:
-                rep = build_in_subprocess(tmp, eng / f"{name}.plan", dtype=tgt.dtype,
+            with graph_for(rank_dir, p["file"], p["data"], name) as path:
+                rep = build_in_subprocess(path, eng / f"{name}.plan", dtype=tgt.dtype,
                                           profiles=profile_for(manifest["graphs"][p["graph"]], manifest),
                                           plugins=("m3",) if manifest["plugins"] == "m3" else ())
-            finally:
-                tmp.unlink(missing_ok=True)
             reports[name] = _relative(rep.to_dict(), rank_dir)
             log(f"[tensorrt] rank{manifest['rank']} {name}: {'ok' if rep.ok else 'FAILED: ' + str(rep.error)}")
     (eng / "report.json").write_text(json.dumps(reports, indent=2) + "\n")

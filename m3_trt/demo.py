@@ -124,15 +124,7 @@ def _build_cpu(ckpt: Path, out: Path) -> Path:
     from .targets import load_target
 
     manifest = build(ckpt, load_target("cpu"), out, resume=out.exists(), progress=True)
-    candidates = [p.parent for p in out.rglob("manifest.json") if (p.parent / "embedding.onnx").exists()]
-    if candidates:
-        onnx_dir = sorted(candidates)[0]
-    else:  # a build without ONNX (older target file): export next to it
-        from .export.onnx import export_model
-
-        onnx_dir = out.parent / "onnx-cpu"
-        if not (onnx_dir / "manifest.json").exists():
-            export_model(ckpt, onnx_dir, plugins="m3", max_seq_len=256, verify=True)
+    onnx_dir = out / "rank0" / "onnx"  # the cpu target is one rank with ONNX on
     verify = json.loads((onnx_dir / "manifest.json").read_text()).get("verify", {})
     print(f"build manifest: {out / 'build.json'} (ranks: {len(manifest.get('ranks', [])) or 1}); "
           f"ONNX components in {onnx_dir}, verified in ONNX Runtime: {verify.get('ok', 'not run')}")

@@ -44,11 +44,8 @@ def generate(model, input_ids: torch.Tensor, *, pixel_values=None, image_grid_th
     S = input_ids.shape[1]
     cache = model.new_cache(1, S + max_new_tokens)
     if image_embeds is not None:
-        embeds = model.model.language_model.embed_tokens(input_ids)
-        mask = input_ids == model.config.image_token_id
-        if int(mask.sum()) != image_embeds.shape[0]:
-            raise ValueError(f"image placeholders: {int(mask.sum())}, image embeddings: {image_embeds.shape[0]}")
-        embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), image_embeds.to(embeds.dtype))
+        embeds = model.splice(model.model.language_model.embed_tokens(input_ids), input_ids, image_embeds,
+                              model.config.image_token_id)
         logits, cache = model(inputs_embeds=embeds, cache=cache)
     else:
         logits, cache = model(input_ids, pixel_values, image_grid_thw, cache, pixel_values_videos=pixel_values_videos,

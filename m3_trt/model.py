@@ -51,13 +51,7 @@ def _op(name: str, impl: str):
             return getattr(importlib.import_module(f"m3_trt.plugins.{name}.reference"), f"{name}_reference")
     if impl == "custom_op":  # the dispatchers run through torch.ops.m3.<name>: one node per plugin
         impl = "torch"
-    mod = importlib.import_module(f"m3_trt.plugins.{name}")
-    fn = getattr(mod, name, None)
-    if fn is None:  # the package only ships its reference so far
-        if impl != "reference":
-            raise RuntimeError(f"plugin {name!r} has no {impl!r} implementation")
-        ref = importlib.import_module(f"m3_trt.plugins.{name}.reference")
-        return getattr(ref, f"{name}_reference")
+    fn = getattr(importlib.import_module(f"m3_trt.plugins.{name}"), name)
     return lambda *a, **k: fn(*a, impl=impl, **k)
 
 
@@ -303,13 +297,18 @@ class M3ForConditionalGeneration(nn.Module):
                                           (pixel_values_videos, video_grid_thw, self.config.video_token_id, "video")):
             if pixels is None:
                 continue
-            feats = self.get_image_features(pixels, grid).to(embeds.dtype)
-            mask = input_ids == token
-            if int(mask.sum()) != feats.shape[0]:
-                raise ValueError(f"{what} placeholders in input_ids: {int(mask.sum())}, {what} tokens from "
-                                 f"the vision tower: {feats.shape[0]}")
-            embeds = embeds.masked_scatter(mask[..., None].expand_as(embeds), feats)
+            embeds = self.splice(embeds, input_ids, self.get_image_features(pixels, grid), token, what)
         return embeds
+
+    @staticmethod
+    def splice(embeds: torch.Tensor, input_ids: torch.Tensor, feats: torch.Tensor, token: int,
+               what: str = "image") -> torch.Tensor:
+        """``embeds`` with ``feats`` (one row per placeholder, in order) at the ``token`` positions."""
+        mask = input_ids == token
+        if int(mask.sum()) != feats.shape[0]:
+            raise ValueError(f"{what} placeholders in input_ids: {int(mask.sum())}, {what} tokens "
+                             f"given: {feats.shape[0]}")
+        return embeds.masked_scatter(mask[..., None].expand_as(embeds), feats.to(embeds.dtype))
 
     # -- text -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values=None, image_grid_thw=None,

@@ -71,6 +71,22 @@ class Spec:
     layers: list[int] | None = None
 
 
+def attention_io(H: int, G: int, D: int, Di: int, *, B: int, S: int, T: int, dtype: torch.dtype, sparse: bool):
+    """Inputs, cache outputs and dynamic axes of a graph holding a layer's attention and its caches:
+    ``(hidden, position_ids, k_cache, v_cache[, idx_cache]) -> (…, k_cache_out, v_cache_out[,
+    idx_cache_out, block_idx])``; the caller names the first output."""
+    bs = {0: "batch", 1: "seq"}
+    ins = [("hidden", (B, S, H), dtype), ("position_ids", (B, S), torch.int64),
+           ("k_cache", (B, G, T, D), dtype), ("v_cache", (B, G, T, D), dtype)]
+    outs = ["k_cache_out", "v_cache_out"]
+    dyn = {"hidden": bs, "position_ids": bs, "k_cache": {0: "batch"}, "v_cache": {0: "batch"}}
+    if sparse:
+        ins.append(("idx_cache", (B, T, Di), dtype))
+        outs += ["idx_cache_out", "block_idx"]
+        dyn["idx_cache"] = {0: "batch"}
+    return ins, outs, dyn
+
+
 def component_specs(model: M3ForConditionalGeneration, opts: ExportOptions) -> list[Spec]:
     cfg = model.config
     t, v = cfg.text, cfg.vision
@@ -85,16 +101,10 @@ def component_specs(model: M3ForConditionalGeneration, opts: ExportOptions) -> l
         by_variant.setdefault(t.layer_variant(i), []).append(i)
     for variant, layers in by_variant.items():
         comp = C.DecoderLayerComponent(model, layers[0])
-        ins = [("hidden", (B, S, H), dt), ("position_ids", (B, S), torch.int64),
-               ("k_cache", (B, G, T, D), dt), ("v_cache", (B, G, T, D), dt)]
-        outs = ["hidden_out", "k_cache_out", "v_cache_out"]
-        dyn = {"hidden": bs, "position_ids": bs, "k_cache": {0: "batch"}, "v_cache": {0: "batch"}}
-        if comp.sparse:
-            ins.append(("idx_cache", (B, T, t.index_head_dim), dt))
-            outs += ["idx_cache_out", "block_idx"]
-            dyn["idx_cache"] = {0: "batch"}
-        specs.append(Spec(f"decoder_{variant.replace('-', '_')}", comp, ins, outs, dyn, layers))
-    specs.append(Spec("head", C.Head(model), [("hidden", (B, S, H), dt)], ["logits"], {"hidden": bs}))
+        ins, cache_outs, dyn = attention_io(H, G, D, t.index_head_dim, B=B, S=S, T=T, dtype=dt, sparse=comp.sparse)
+        specs.append(Spec(f"decoder_{variant.replace('-', '_')}", comp, ins, ["hidden_out", *cache_outs], dyn,
+                          layers))
+    specs.append(Spec("head", C.Head(model), [("hidden", (B, S, H), dt)], ["logits", "final_norm"], {"hidden": bs}))
     n = 2 * 2 * 4  # two 2x4-patch images' worth of patches, a multiple of merge**2
     specs.append(Spec("vision_encoder", C.VisionEncoder(model),
                       [("pixel_values", (n, v.patch_dim), dt), ("vision_pos", (n, 3), torch.int64),
@@ -244,21 +254,27 @@ def _tensor_buffer(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def write_weights(path: Path, state: dict[str, torch.Tensor], layout: dict[str, tuple[int, int]],
+                  what: str = "") -> None:
+    """``state`` written in ``layout`` (a graph's weight-file layout): how the layers or ranks sharing
+    one graph each get their own weight file."""
+    with open(path, "wb") as f:
+        for name, (offset, length) in sorted(layout.items(), key=lambda kv: kv[1][0]):
+            if name not in state:
+                raise RuntimeError(f"{what or path.name}: initializer {name} is not one of its parameters")
+            raw = _tensor_buffer(state[name])
+            if raw.nbytes != length:
+                raise RuntimeError(f"{what or path.name}: {name} has {raw.nbytes} bytes, the graph has {length}")
+            f.seek(offset)
+            f.write(raw)
+
+
 def _write_layer_data(spec: Spec, layer: int, model: M3ForConditionalGeneration, out: Path,
                       layout: dict[str, tuple[int, int]]) -> str:
     """Weights of ``layer`` in the byte layout of its variant's graph."""
-    comp = C.DecoderLayerComponent(model, layer)
-    state = dict(comp.state_dict())
     name = f"layer_{layer}.data"
-    with open(out / name, "wb") as f:
-        for init_name, (offset, length) in sorted(layout.items(), key=lambda kv: kv[1][0]):
-            raw = _tensor_buffer(state[init_name]) if init_name in state else None
-            if raw is None:
-                raise RuntimeError(f"{spec.name}: initializer {init_name} is not a parameter of layer {layer}")
-            if raw.nbytes != length:
-                raise RuntimeError(f"{spec.name}: {init_name} of layer {layer} has {raw.nbytes} bytes, graph has {length}")
-            f.seek(offset)
-            f.write(raw)
+    write_weights(out / name, dict(C.DecoderLayerComponent(model, layer).state_dict()), layout,
+                  f"{spec.name} layer {layer}")
     return name
 
 

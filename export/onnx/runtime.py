@@ -15,16 +15,23 @@ from pathlib import Path
 import numpy as np
 
 
-def layer_model(export_dir: Path, graph_file: str, data_file: str):
-    """The variant graph of one decoder layer with that layer's weight file (in memory)."""
+def layer_graph(export_dir: Path, graph_file: str, data_file: str):
+    """A shared variant graph re-pointed at one layer's weight file (weights not loaded)."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
 
     model = onnx.load(str(export_dir / graph_file), load_external_data=False)
     for init in model.graph.initializer:
         for entry in init.external_data:
             if entry.key == "location":
                 entry.value = data_file
+    return model
+
+
+def layer_model(export_dir: Path, graph_file: str, data_file: str):
+    """The variant graph of one decoder layer with that layer's weight file (in memory)."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = layer_graph(export_dir, graph_file, data_file)
     load_external_data_for_model(model, str(export_dir))
     return model
 

@@ -14,9 +14,8 @@ batch/seq axes, static cache length):
   ``add_kv_cache_update`` needs a 4-D cache that is itself a network input ("The cache tensor
   must be a network input"), so route (b) takes it with a unit head axis (same bytes, same
   buffer; ``DOCUMENTED_IO_CHANGES``).
-* ``head``: ``hidden -> logits [B,S,V], type_as [B,S,Dm]`` (the final-norm hidden state; the
-  ONNX exporter named that output after torch's ``type_as`` node and we keep the name so the
-  engines of both routes are interchangeable).
+* ``head``: ``hidden -> logits [B,S,V], final_norm [B,S,Dm]`` (the final-norm hidden state, named
+  as in the ONNX head so the engines of both routes are interchangeable).
 
 Native layers used: ``add_attention_v2`` with a bool keep-mask (token-causal over the static
 cache; on sparse layers also the selected blocks), ``add_rotary_embedding`` (partial, rotate-half),
@@ -176,7 +175,7 @@ def write_head(w, model, dtype: str) -> None:
     x = w.input("hidden", _trt_dtype(w.trt, dtype), (-1, -1, model.config.text.hidden_size))
     normed = w.rmsnorm(x, _np(lm.norm.weight), lm.norm.eps)
     w.output(w.linear(normed, _np(model.lm_head.weight)), "logits")
-    w.output(w.net.add_identity(normed).get_output(0), "type_as")
+    w.output(w.net.add_identity(normed).get_output(0), "final_norm")
 
 
 def write_decoder_layer(w, model, index: int, dtype: str, max_seq_len: int, *, num_heads: int | None = None) -> None:

@@ -23,7 +23,7 @@ names above) and ``greedy(input_ids, n, *, pixel_values, image_grid_thw, eos_tok
 from __future__ import annotations
 
 import importlib
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Protocol
 
@@ -85,9 +85,6 @@ class TorchBackend:
 
             self.emulation = calibrate(self.model, calibration_inputs(path))
 
-    def _numerics(self):
-        return nullcontext()
-
     def _vision(self, sample: Sample) -> dict:
         dt = self.model.lm_head.weight.dtype
         return {k: (v.to(dt) if v.is_floating_point() else v) for k, v in sample.vision.items()}
@@ -99,7 +96,6 @@ class TorchBackend:
         m = self.model
         seen: dict[str, torch.Tensor] = {}
         with ExitStack() as stack:
-            stack.enter_context(self._numerics())
             blocks = stack.enter_context(record_block_choices())
             if layers:
                 for name, mod in (("vision_encoder", m.model.vision_tower), ("projector", m.model.multi_modal_projector)):
@@ -126,8 +122,7 @@ class TorchBackend:
     def greedy(self, sample: Sample, n: int, eos: tuple[int, ...]) -> list[int]:
         from m3_trt.generate import greedy
 
-        with self._numerics():
-            return greedy(self.model, sample.input_ids, n, eos_token_id=eos, **self._vision(sample))
+        return greedy(self.model, sample.input_ids, n, eos_token_id=eos, **self._vision(sample))
 
 
 # -- transformers: the specification ------------------------------------------------------------

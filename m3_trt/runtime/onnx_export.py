@@ -70,17 +70,13 @@ def rank_moe_static(moe: RankMoE, x_TD: torch.Tensor, expert_ids_El: torch.Tenso
     ``expert_ids_El`` (the rank's global expert ids) is a tensor, not a Python range, so it becomes
     an initializer in the rank's weight file and one graph serves every rank.
     """
-    from m3_trt.plugins.swiglu_moe.reference import route, swiglu_oai
+    from m3_trt.plugins.swiglu_moe.portable import swiglu_moe_portable
 
     c = moe.cfg
-    weights_TK, experts_TK = route(x_TD, moe.gate.weight, moe.gate.e_score_correction_bias, c.num_experts_per_tok)
-    combine_TE = torch.zeros(x_TD.shape[0], c.num_local_experts, dtype=weights_TK.dtype, device=x_TD.device)
-    combine_TE = combine_TE.scatter(1, experts_TK, weights_TK)
-    combine_TEl = combine_TE.index_select(1, expert_ids_El)
-    h_ETF = swiglu_oai(torch.einsum("td,efd->etf", x_TD, moe.experts.gate_up_proj), alpha=c.swiglu_alpha,
-                       limit=c.swiglu_limit)
-    y_ETD = torch.einsum("etf,edf->etd", h_ETF, moe.experts.down_proj)
-    return (torch.einsum("etd,te->td", y_ETD, combine_TEl.to(y_ETD.dtype)) * c.routed_scaling_factor).to(x_TD.dtype)
+    return swiglu_moe_portable(x_TD, moe.gate.weight, moe.gate.e_score_correction_bias, moe.experts.gate_up_proj,
+                               moe.experts.down_proj, None, None, top_k=c.num_experts_per_tok,
+                               routed_scaling=c.routed_scaling_factor, alpha=c.swiglu_alpha, limit=c.swiglu_limit,
+                               expert_ids_E=expert_ids_El)
 
 
 class MlpPart(nn.Module):
@@ -123,7 +119,7 @@ def collectives(rm: RankModel, i: int) -> dict:
 
 def part_specs(rm: RankModel, i: int, B: int, T: int):
     """``[(graph name, module, Spec)]`` for layer ``i`` of ``rm`` (the exporter's Spec)."""
-    from m3_trt.export.onnx.exporter import DTYPES, Spec
+    from m3_trt.export.onnx.exporter import DTYPES, Spec, attention_io
 
     t, lt = rm.config.text, rm.local_text
     dt = rm.lm_head.weight.dtype
@@ -131,25 +127,14 @@ def part_specs(rm: RankModel, i: int, B: int, T: int):
     H, G, D, S = t.hidden_size, lt.num_key_value_heads, t.head_dim, min(5, T)
     bs = {0: "batch", 1: "seq"}
     attn = AttnPart(rm, i)
-    ins = [("hidden", (B, S, H), dt), ("position_ids", (B, S), torch.int64),
-           ("k_cache", (B, G, T, D), dt), ("v_cache", (B, G, T, D), dt)]
-    outs = ["attn_out", "k_cache_out", "v_cache_out"]
-    dyn = {"hidden": bs, "position_ids": bs, "k_cache": {0: "batch"}, "v_cache": {0: "batch"}}
-    if attn.sparse:
-        ins.append(("idx_cache", (B, T, t.index_head_dim), dt))
-        outs += ["idx_cache_out", "block_idx"]
-        dyn["idx_cache"] = {0: "batch"}
+    ins, cache_outs, dyn = attention_io(H, G, D, t.index_head_dim, B=B, S=S, T=T, dtype=dt, sparse=attn.sparse)
+    outs = ["attn_out", *cache_outs]
     mlp = MlpPart(rm, i)
     mouts = ["hidden_mid", "mlp_out"] + (["mlp_local"] if mlp.moe and mlp.tp == 1 else [])
     return [("attn_sparse" if attn.sparse else "attn_full", Spec("attn", attn, ins, outs, dyn)),
             ("mlp_moe" if mlp.moe else "mlp_dense",
              Spec("mlp", mlp, [("hidden", (B, S, H), dt), ("attn", (B, S, H), dt)], mouts,
                   {"hidden": bs, "attn": bs}))]
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().cpu()
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
 
 
 def _export_spec(spec, path: Path, cfg, plugins: str, data_name: str) -> dict[str, tuple[int, int]]:
@@ -160,14 +145,9 @@ def _export_spec(spec, path: Path, cfg, plugins: str, data_name: str) -> dict[st
     return export_spec(spec, path, cfg, plugins, data_name)
 
 def _write_data(module: nn.Module, layout: dict[str, tuple[int, int]], path: Path) -> None:
-    state = dict(module.state_dict())
-    with open(path, "wb") as f:
-        for name, (offset, length) in sorted(layout.items(), key=lambda kv: kv[1][0]):
-            raw = _tensor_bytes(state[name])
-            if len(raw) != length:
-                raise RuntimeError(f"{path.name}: {name} has {len(raw)} bytes, the graph has {length}")
-            f.seek(offset)
-            f.write(raw)
+    from m3_trt.export.onnx.exporter import write_weights
+
+    write_weights(path, dict(module.state_dict()), layout)
 
 
 def export_graphs(rm0: RankModel, out: Path, *, plugins: str, max_seq_len: int, max_batch: int,

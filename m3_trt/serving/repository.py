@@ -27,7 +27,6 @@ repository never exists under ``out``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -93,11 +92,9 @@ BLS_ROW = ("| `m3_bls` | one decoupled python model: preprocessing, `vision_enco
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from m3_trt.build import sha256  # the one streaming file hash of the build manifests
+
+    return sha256(path)
 
 
 def _resolve_checkpoint(source: Path) -> Path:

@@ -150,7 +150,7 @@ def test_shadow_embedding_and_head(trt, model):
         logits, normed = C.Head(model)(h)
     assert_close(emb["inputs_embeds"], C.Embedding(model)(ids), "trt_network_shadow", "fp32", "embedding")
     assert_close(head["logits"], logits, "trt_network_shadow", "fp32", "logits")
-    assert_close(head["type_as"], normed, "trt_network_shadow", "fp32", "final norm")
+    assert_close(head["final_norm"], normed, "trt_network_shadow", "fp32", "final norm")
 
 
 def test_shadow_parity_catches_noncontiguous_positions(trt, model):
