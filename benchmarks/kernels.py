@@ -1,210 +1,217 @@
-"""Time the custom operators against their dense baselines on whatever device is present.
+"""Validate and time the custom operators' kernels: the kernel half of ``scripts/gpu_check.sh``.
 
-    python benchmarks/kernels.py [--quick]
+    bash scripts/gpu_check.sh [--out DIR] [--dry-run]            the one command (sets PYTHONPATH)
+    python benchmarks/kernels.py --out DIR [--section all|check|time] [--dry-run | --cpu]
 
-Block-sparse attention (prefill: S = T = L; decode: S = 1 against a cache of L slots) against
-(a) SDPA with the reference's additive ``[B, Hq, S, T]`` block mask and (b) unmasked causal SDPA
-(the flash path on GPU, the harder baseline); the indexer top-k against its dense reference;
-the MoE against the reference expert loop at 1, 16, 256 and 4096 tokens.
+Three profiles, picked by the machine and the flags:
 
-Shapes: on CUDA the real ones (64 q heads, 4 KV heads, d128, block 128, top-16; 128 experts,
-top-4, hidden 6144, intermediate 3072, bf16) and the Triton kernels. On CPU a stated scale-down
-(``CPU_SCALE``) and the torch implementations (the Triton interpreter is a test tool, not a
-runtime). Baseline masks are built outside the timed region (this favours the baseline).
-Results go to ``benchmarks/results/kernels-<device>.json`` with the machine description.
+* **gpu** (CUDA present): the real shapes (64 query / 4 KV heads, d128, block 128, top-16, local 1;
+  128 experts top-4, hidden 6144, intermediate 3072) and the Triton kernels.
+  ``check``: each kernel against its reference in fp32 and bf16, prefill and decode, the
+  indexer by exact block sets, plus a 64-bit-offset case (prefill batch stride of B = 5 at 64K)
+  and a negative control per check. ``time``: block-sparse prefill against SDPA with the block
+  mask (L <= 16K: the mask is ``64·L²`` bf16) and against unmasked causal SDPA (flash) at 2K-64K;
+  decode against flash decode at 8K-128K caches; the indexer's share; MoE at 1/16/256/4096
+  tokens against the HBM floor (bytes of the experts actually chosen, plus the shared expert,
+  over the measured copy bandwidth).
+* **dry-run** (``--dry-run``, CPU, ``TRITON_INTERPRET=1``): every step at tiny shapes with the
+  kernels in Triton's interpreter, so CI catches a broken step before the one GPU call. Its
+  timings are interpreter times, not measurements.
+* **cpu** (``--cpu``): the torch implementations at a stated scale-down (no Triton), the figures
+  behind the README's CPU row.
+
+Every step records its result or its error (an OOM, a failing kernel) and the run goes on; the
+JSON (``kernels-<gpu>.json``) is rewritten after each step, so a run cut short keeps what it
+measured. Timing: CUDA events around each call, L2 flushed (256 MiB memset) before every rep of
+the decode and MoE steps, median of a few reps sized to a per-measurement budget.
+``tests/tolerances.py`` (on ``PYTHONPATH``) is the tolerance table. Beside this file:
+``gpu_common.py`` (profiles, timer, step runner), ``gpu_correctness.py`` (the checks),
+``gpu_summary.py`` (goals, summary), ``gpu_layer.py`` (the layer half; writes the summary).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import time
-from pathlib import Path
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
+from gpu_common import (FORMAT, MOE_KW, PROFILES, REAL_ATTN, REAL_MOE, Profile, Steps, Timer, _moe_args, attn_inputs,
+                        copy_bandwidth, environment, moe_weights, pick_profile, prepare_out, run_slug, write_json)
+from gpu_correctness import run_checks
+from gpu_summary import evaluate_goals, write_summary
 
 from m3_trt.plugins.block_sparse_attention import block_sparse_attention
 from m3_trt.plugins.block_sparse_attention.reference import block_keep_mask
 from m3_trt.plugins.indexer_topk import indexer_topk
 from m3_trt.plugins.swiglu_moe import swiglu_moe
-
-GPU_SHAPES = dict(
-    attn=dict(Hq=64, G=4, D=128, block=128, topk=16, local=1, Di=128, lengths=[2048, 4096, 8192, 16384]),
-    moe=dict(E=128, top_k=4, D=6144, F=3072, tokens=[1, 16, 256, 4096]),
-    dtype=torch.bfloat16,
-)
-CPU_SCALE = dict(
-    attn=dict(Hq=8, G=2, D=64, block=64, topk=8, local=1, Di=64, lengths=[512, 1024, 2048, 4096]),
-    moe=dict(E=128, top_k=4, D=256, F=128, tokens=[1, 16, 256, 4096]),
-    dtype=torch.float32,
-    note="CPU scale-down: attention Hq 64->8, G 4->2, d 128->64, block 128->64, top-16->8, lengths /4; "
-         "MoE hidden 6144->256, intermediate 3072->128 (128 experts, top-4 kept); fp32; 1 thread; "
-         "indexer inputs random (no locality: a tile's union of blocks is near-dense, the worst case)",
-)
+from m3_trt.plugins.swiglu_moe.reference import route
 
 
-def _timer(device):
-    def run(fn, reps):
-        fn()  # warm-up (compilation, caches)
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        # min on CPU: other work on a shared machine only ever adds time; median on GPU.
-        return min(times) if device == "cpu" else statistics.median(times)
-    return run
+# -- timings -----------------------------------------------------------------------------------
 
 
-def machine(device):
-    info = dict(torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads())
+def kept_keys(idx_BGSK: torch.Tensor, pos_BS: torch.Tensor, bs: int) -> int:
+    """Keys the selection lets attend (selected blocks, slot <= position), without an [S, T] mask."""
+    n = idx_BGSK.long()
+    slots = (pos_BS[:, None, :, None] - n * bs + 1).clamp(0, bs)
+    return int(torch.where(n >= 0, slots, 0).sum())
+
+
+def flash_sdpa_time(timer: Timer, q, k, v, causal: bool, flush: bool) -> tuple[float, str]:
+    """Unmasked SDPA with the flash backend forced (GQA without repeating K/V); if the flash
+    kernel refuses the inputs, the default choice, and the reason is recorded."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
     try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info["cpu"] = cpu
-    return info
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return timer(fn, flush), "flash"
+    except RuntimeError as e:
+        return timer(fn, flush), f"default (flash refused: {str(e)[:160]})"
 
 
-def _indexer_queries(G, S, Di, selection, device, dtype):
-    """``random``: independent per query (no locality: a tile's union of blocks is near-dense,
-    the worst case for tiling). ``smooth``: a random walk over positions, so neighbouring
-    queries prefer similar blocks, as neighbouring tokens' hidden states do in a real model."""
-    if selection == "random":
-        return torch.randn(1, G, S, Di, device=device, dtype=dtype)
-    walk = torch.randn(1, G, S, Di, device=device).mul_(0.05).cumsum(dim=2)
-    return (walk + torch.randn(1, G, 1, Di, device=device)).to(dtype)
+def time_prefill(p: Profile, device: str, timer: Timer, L: int) -> dict:
+    a = p.attn
+    q, k, v, iq, ik, pos = attn_inputs(a, 1, L, L, p.dtype, device)
+    sel = dict(block_size=a["block"], topk=a["topk"], local_blocks=a["local"])
+    idx = indexer_topk(iq, ik, pos, **sel, impl=p.impl)
+    row = dict(L=L, kept_of_causal=kept_keys(idx, pos, a["block"]) / (a["G"] * L * (L + 1) / 2))
+    row["sparse_s"] = timer(lambda: block_sparse_attention(q, k, v, idx, pos, block_size=a["block"],
+                                                           scale=a["D"] ** -0.5, impl=p.impl))
+    row["indexer_s"] = timer(lambda: indexer_topk(iq, ik, pos, **sel, impl=p.impl))
+    row["indexer_share"] = row["indexer_s"] / (row["indexer_s"] + row["sparse_s"])
+    row["sdpa_causal_s"], row["sdpa_causal_backend"] = flash_sdpa_time(timer, q, k, v, causal=True, flush=False)
+    row["speedup_vs_flash"] = row["sdpa_causal_s"] / (row["sparse_s"] + row["indexer_s"])
+    row["speedup_vs_flash_attention_only"] = row["sdpa_causal_s"] / row["sparse_s"]
+    if L <= p.masked_max:
+        # The additive [1, Hq, L, L] mask transformers' SDPA path builds, made outside the timed
+        # region one KV group at a time (peak = the mask + one group's [L, L] booleans).
+        R = a["Hq"] // a["G"]
+        mask = torch.zeros(1, a["Hq"], L, L, dtype=p.dtype, device=device)
+        for g in range(a["G"]):
+            drop = ~block_keep_mask(idx[:, g:g + 1], pos, L, a["block"])
+            mask[:, g * R:(g + 1) * R].masked_fill_(drop, torch.finfo(p.dtype).min)
+            del drop
+        kr, vr = k.repeat_interleave(R, 1), v.repeat_interleave(R, 1)
+        row["sdpa_masked_s"] = timer(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask))
+        row["speedup_vs_masked"] = row["sdpa_masked_s"] / row["sparse_s"]
+    else:
+        row["sdpa_masked_s"] = None
+        row["sdpa_masked_skipped"] = f"mask would take {a['Hq'] * L * L * 2 / 2**30:.0f} GiB"
+    print(f"  prefill L={L:6d}: sparse {row['sparse_s']*1e3:8.2f} ms + indexer {row['indexer_s']*1e3:8.2f} ms | "
+          f"flash x{row['speedup_vs_flash']:.2f}" + (f" | masked x{row['speedup_vs_masked']:.2f}" if row["sdpa_masked_s"] else ""),
+          flush=True)
+    return row
 
 
-def bench_attention(cfg, dtype, device, impl, timer, reps):
-    rows = []
-    Hq, G, D, bs, topk, local, Di = (cfg[k] for k in ("Hq", "G", "D", "block", "topk", "local", "Di"))
-    for L in cfg["lengths"]:
-        for mode, selection in (("prefill", "random"), ("prefill", "smooth"), ("decode", "random")):
-            S = L if mode == "prefill" else 1
-            pos = (torch.arange(S, device=device) + (L - S))[None]
-            q = torch.randn(1, Hq, S, D, device=device, dtype=dtype)
-            k = torch.randn(1, G, L, D, device=device, dtype=dtype)
-            v = torch.randn(1, G, L, D, device=device, dtype=dtype)
-            iq = _indexer_queries(G, S, Di, selection, device, dtype)
-            ik = torch.randn(1, L, Di, device=device, dtype=dtype)
-            sel = dict(block_size=bs, topk=topk, local_blocks=local)
-            idx = indexer_topk(iq, ik, pos, **sel, impl=impl)
-            t_sparse = timer(lambda: block_sparse_attention(q, k, v, idx, pos, block_size=bs, scale=D**-0.5, impl=impl), reps)
-            t_index = timer(lambda: indexer_topk(iq, ik, pos, **sel, impl=impl), reps)
-            row = dict(L=L, mode=mode, selection=selection, sparse_s=t_sparse, indexer_s=t_index)
-            keep = block_keep_mask(idx, pos, L, bs)
-            row["density_of_causal"] = keep.sum().item() / (G * (pos + 1).sum().item())
-            keep = keep.repeat_interleave(Hq // G, dim=1)
-            mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
-            del keep
-            kr, vr = k.repeat_interleave(Hq // G, 1), v.repeat_interleave(Hq // G, 1)
-            row["sdpa_masked_s"] = timer(lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask), reps)
-            del mask
-            causal = mode == "prefill"  # decode: one query at the end of the cache sees every slot
-            row["sdpa_causal_s"] = timer(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True), reps)
-            if L <= cfg["lengths"][1]:
-                row["indexer_reference_s"] = timer(lambda: indexer_topk(iq, ik, pos, **sel, impl="reference"), reps)
-                row["indexer_speedup"] = row["indexer_reference_s"] / t_index
-            row["speedup_vs_masked_sdpa"] = row["sdpa_masked_s"] / t_sparse
-            row["speedup_vs_causal_sdpa"] = row["sdpa_causal_s"] / t_sparse
-            rows.append(row)
-            print(f"attention {mode:7s} {selection:6s} L={L:6d}: sparse {t_sparse*1e3:9.2f} ms"
-                  f"  vs masked SDPA x{row['speedup_vs_masked_sdpa']:.2f}  vs causal SDPA x{row['speedup_vs_causal_sdpa']:.2f}"
-                  f"  (indexer {t_index*1e3:.2f} ms, kept {row['density_of_causal']:.0%} of causal)", flush=True)
-    return rows
+def time_decode(p: Profile, device: str, timer: Timer, L: int) -> dict:
+    a = p.attn
+    q, k, v, iq, ik, pos = attn_inputs(a, 1, 1, L, p.dtype, device)
+    sel = dict(block_size=a["block"], topk=a["topk"], local_blocks=a["local"])
+    idx = indexer_topk(iq, ik, pos, **sel, impl=p.impl)
+    row = dict(L=L)
+    row["sparse_s"] = timer(lambda: block_sparse_attention(q, k, v, idx, pos, block_size=a["block"],
+                                                           scale=a["D"] ** -0.5, impl=p.impl), flush=True)
+    row["indexer_s"] = timer(lambda: indexer_topk(iq, ik, pos, **sel, impl=p.impl), flush=True)
+    row["indexer_share"] = row["indexer_s"] / (row["indexer_s"] + row["sparse_s"])
+    # one query at the end of the cache sees every slot: no mask, flash / flash-decoding path
+    row["flash_decode_s"], row["flash_backend"] = flash_sdpa_time(timer, q, k, v, causal=False, flush=True)
+    row["speedup_vs_flash"] = row["flash_decode_s"] / (row["sparse_s"] + row["indexer_s"])
+    esize = torch.finfo(p.dtype).bits // 8
+    row["bytes_floor"] = (a["G"] * a["topk"] * a["block"] * a["D"] * 2 + L * a["Di"]) * esize
+    print(f"  decode  L={L:6d}: sparse {row['sparse_s']*1e6:8.1f} us + indexer {row['indexer_s']*1e6:8.1f} us | "
+          f"flash decode {row['flash_decode_s']*1e6:8.1f} us -> x{row['speedup_vs_flash']:.2f}", flush=True)
+    return row
 
 
-def bandwidth(device, dtype):
-    n = (1 << 28 if device == "cuda" else 1 << 25) // 4
-    a = torch.empty(n, dtype=torch.float32, device=device)
-    b = torch.empty_like(a)
-    t = _timer(device)(lambda: b.copy_(a), 5)
-    return 2 * a.numel() * 4 / t
+def time_moe(p: Profile, device: str, timer: Timer, bw: float, w: dict, T: int) -> dict:
+    m = p.moe
+    x = torch.randn(T, m["D"], device=device, dtype=p.dtype)
+    kw = dict(MOE_KW, top_k=m["top_k"])
+    args = _moe_args(w, x)
+    t_fast = timer(lambda: swiglu_moe(*args, **kw, impl=p.impl), flush=True)
+    t_ref = timer(lambda: swiglu_moe(*args, **kw, impl="reference"), flush=True)
+    n_used = int(route(x, w["router_w_ED"], w["e_bias_E"], m["top_k"])[1].unique().numel())
+    esize = torch.finfo(p.dtype).bits // 8
+    floor_bytes = (n_used * 3 * m["F"] + 3 * m["Fs"]) * m["D"] * esize
+    row = dict(tokens=T, fast_s=t_fast, reference_s=t_ref, speedup_vs_reference=t_ref / t_fast, experts_used=n_used,
+               floor_bytes=floor_bytes, hbm_floor_s=floor_bytes / bw, over_floor=t_fast / (floor_bytes / bw))
+    print(f"  moe T={T:5d}: {p.impl} {t_fast*1e3:8.3f} ms, reference {t_ref*1e3:8.3f} ms, {n_used} experts, "
+          f"{row['over_floor']:.2f}x the HBM floor", flush=True)
+    return row
 
 
-def bench_moe(cfg, dtype, device, impl, timer, reps):
-    E, K, D, Fi = cfg["E"], cfg["top_k"], cfg["D"], cfg["F"]
-    w = dict(router_w_ED=torch.randn(E, D, device=device, dtype=dtype) * D**-0.5,
-             e_bias_E=torch.randn(E, device=device) * 0.01,
-             w13_EFD=torch.randn(E, 2 * Fi, D, device=device, dtype=dtype) * D**-0.5,
-             w2_EDF=torch.randn(E, D, Fi, device=device, dtype=dtype) * Fi**-0.5,
-             w13s_FD=torch.randn(2 * Fi, D, device=device, dtype=dtype) * D**-0.5,
-             w2s_DF=torch.randn(D, Fi, device=device, dtype=dtype) * Fi**-0.5)
-    kw = dict(top_k=K, routed_scaling=2.0, alpha=1.702, limit=7.0)
-    bw = bandwidth(device, dtype)
-    expert_bytes = 3 * Fi * D * torch.finfo(dtype).bits // 8
-    rows = []
-    for T in cfg["tokens"]:
-        x = torch.randn(T, D, device=device, dtype=dtype)
-        args = (x, w["router_w_ED"], w["e_bias_E"], w["w13_EFD"], w["w2_EDF"], w["w13s_FD"], w["w2s_DF"])
-        t_fast = timer(lambda: swiglu_moe(*args, **kw, impl=impl), reps)
-        t_ref = timer(lambda: swiglu_moe(*args, **kw, impl="reference"), reps)
-        # Bandwidth floor: every distinct selected expert's weights (+ shared expert) read once.
-        from m3_trt.plugins.swiglu_moe.reference import route
+def run_timings(p: Profile, device: str, steps: Steps, bw: float) -> None:
+    timer = Timer(device, p)
+    torch.manual_seed(5)
+    for L in p.prefill:
+        steps("prefill", f"L{L}", lambda: time_prefill(p, device, timer, L))
+    for L in p.decode:
+        steps("decode", f"L{L}", lambda: time_decode(p, device, timer, L))
+    held = {}
 
-        n_used = int(route(x, w["router_w_ED"], w["e_bias_E"], K)[1].unique().numel())
-        floor = (n_used + 1) * expert_bytes / bw
-        rows.append(dict(tokens=T, fast_s=t_fast, reference_s=t_ref, speedup=t_ref / t_fast,
-                         experts_used=n_used, bandwidth_floor_s=floor, over_floor=t_fast / floor))
-        print(f"moe T={T:5d}: {impl} {t_fast*1e3:9.2f} ms  reference {t_ref*1e3:9.2f} ms  x{t_ref/t_fast:.2f}"
-              f"  ({t_fast/floor:.1f}x the bandwidth floor)", flush=True)
-    return rows, bw
+    def make():
+        held["w"] = moe_weights(p.moe, p.dtype, device)
+        return dict(bytes=sum(t.numel() * t.element_size() for t in held["w"].values()))
+
+    steps("moe", "weights", make)
+    if "w" in held:
+        for T in p.tokens:
+            steps("moe", f"T{T}", lambda: time_moe(p, device, timer, bw, held["w"], T))
+    held.clear()
 
 
-def main():
+# -- main --------------------------------------------------------------------------------------
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="two smallest sizes only (smoke run)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="CPU threads; 1 by default because on a shared 2-core machine a busy core stalls "
-                         "every OpenMP barrier (measured: 0.15 ms -> 117 ms for one decode step)")
+    ap.add_argument("--out", default="benchmarks/results/gpu")
+    ap.add_argument("--section", choices=("all", "check", "time"), default="all")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes, Triton interpreter on CPU")
+    ap.add_argument("--cpu", action="store_true", help="torch implementations at a CPU scale-down")
+    ap.add_argument("--overwrite", action="store_true", help="write into a folder that is not a gpu-check output")
+    ap.add_argument("--budget-s", type=float, help="soft time budget; later steps are skipped (default: profile's)")
+    ap.add_argument("--summary", action="store_true", help="only (re)write DIR/summary.txt from the JSON files")
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(args.threads)
-    shapes = GPU_SHAPES if device == "cuda" else CPU_SCALE
-    impl = "triton" if device == "cuda" else "torch"
-    reps = 20 if device == "cuda" else 5
-    attn_cfg, moe_cfg = dict(shapes["attn"]), dict(shapes["moe"])
-    if args.quick:
-        attn_cfg["lengths"], moe_cfg["tokens"] = attn_cfg["lengths"][:2], moe_cfg["tokens"][:2]
-    print(f"device {device}, impl {impl}, {shapes.get('note', 'real shapes')}", flush=True)
-    timer = _timer(device)
-    torch.manual_seed(0)
+    if args.summary:
+        write_summary(prepare_out(args.out, args.overwrite), "dryrun" if args.dry_run else None)
+        return
+    profile, device = pick_profile(args)
+    if args.budget_s:
+        profile = replace(profile, budget_s=args.budget_s)
+    out = prepare_out(args.out, args.overwrite)
+    if device == "cpu" and profile.name == "cpu":
+        torch.set_num_threads(1)  # a busy shared core stalls every OpenMP barrier
+    path = out / f"kernels-{run_slug(profile)}.json"
+    # the time section joins what this run's check section wrote; every other run starts afresh
+    record = json.loads(path.read_text()) if path.is_file() and args.section == "time" else {}
+    record["format"] = FORMAT
+    steps = Steps(record, path, time.monotonic() + profile.budget_s)
+    print(f"kernels: profile {profile.name}, device {device}, impl {profile.impl} -> {path}", flush=True)
+    if profile.name == "dry-run":
+        g = PROFILES["gpu"]
+        print(f"  [dry run] on a GPU this measures: prefill L={list(g.prefill)} (masked SDPA up to {g.masked_max}), "
+              f"decode L={list(g.decode)}, MoE tokens={list(g.tokens)} at {REAL_ATTN} / {REAL_MOE}", flush=True)
+    if args.section in ("all", "check"):
+        steps("environment", "info", lambda: environment(device, profile))
+        record["environment"] = record["environment"]["info"]
+        record["profile"] = {k: v for k, v in asdict(profile).items() if k != "dtype"} | {"dtype": str(profile.dtype)}
     with torch.inference_mode():
-        attn = bench_attention(attn_cfg, shapes["dtype"], device, impl, timer, reps)
-        moe, bw = bench_moe(moe_cfg, shapes["dtype"], device, impl, timer, reps)
-    result = dict(
-        device=device, impl=impl, machine=machine(device), scale=shapes.get("note", "real shapes"),
-        dtype=str(shapes["dtype"]), attention_config={k: v for k, v in attn_cfg.items()},
-        moe_config=moe_cfg, measured_copy_bandwidth_GBps=bw / 1e9, attention=attn, moe=moe,
-        timing=f"{'median' if device == 'cuda' else 'min'} of {reps} after one warm-up; baseline masks built outside the timed region",
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kernels-{device}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+        if args.section in ("all", "check") and profile.name != "cpu":
+            run_checks(profile, device, steps)
+        if args.section in ("all", "time"):
+            bw = record.get("environment", {}).get("copy_bandwidth_GBps")
+            bw = bw * 1e9 if bw else copy_bandwidth(device)
+            run_timings(profile, device, steps, bw)
+    record["goals"] = evaluate_goals(record)
+    write_json(path, record)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,21 @@ pieces that are missing or differ. Without ``--resume`` a stale partial folder i
 ``build.json`` (written last): target, plan, layout, config, every file with its sha256, tool
 versions, measured quantization errors, which pieces were computed or reused by this run.
 
-Test hook: ``M3_TRT_BUILD_PIECE_DELAY_S`` sleeps that long after each piece (to interrupt a
-build mid-way in tests); it changes nothing else.
+Rank weight files stream (:mod:`m3_trt.pieces`): the checkpoint is read one piece (embedding, a
+decoder layer, head, vision tower, projector) at a time and each piece is appended to every
+rank's file; ``parts.jsonl`` records each finished (piece, rank) with its byte range and sha256,
+so a build killed at layer k resumes at layer k. ``workers`` > 1 converts pieces in a process
+pool (the host-memory plan, :func:`m3_trt.plan.host_memory`, refuses a number the host cannot
+hold). FP8 activation scales are calibrated layer by layer (:func:`m3_trt.quant.calibrate_layerwise`);
+the ONNX export of one rank streams too (:func:`m3_trt.export.onnx.export_model`); the sharded
+split graphs and the FP8 Q/DQ export still load the whole model. Every journal record carries the *input key*
+(checkpoint files' names, sizes and mtimes, the target with its overrides, the calibration file,
+the tool version: :func:`input_key`); a ``--resume`` with other inputs starts over and says what
+changed. Half-written exporter folders (``.<name>.partial.*``) are removed on resume.
+
+Test hooks: ``M3_TRT_BUILD_PIECE_DELAY_S`` sleeps that long after each piece and
+``M3_TRT_BUILD_PART_DELAY_S`` after each streamed checkpoint piece (to interrupt a build mid-way in
+tests); they change nothing else.
 """
 
 from __future__ import annotations
@@ -29,9 +42,11 @@ from typing import Callable
 
 import torch
 
+from .outputs import BUILD, check_output, partial_dir, swap_into_place
 from .targets import Target, load_target
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BUILD_FORMAT = "m3-trt-build/1"
 
 
 def sha256(path: Path) -> str:
@@ -58,44 +73,21 @@ def checkpoint_scale_block(ckpt: str | Path) -> tuple[int, int] | None:
     return None
 
 
-def checkpoint_block_scales(ckpt: str | Path, model) -> dict[str, torch.Tensor]:
-    """The checkpoint's FP8 scale grids re-assembled onto our in-memory names (fused gate‖up, experts)."""
-    from .checkpoint import SCALE_SUFFIX, SafetensorsCheckpoint, _place, map_key
-
-    ck = SafetensorsCheckpoint(ckpt)
-    params = dict(model.named_parameters())
-    out: dict[str, torch.Tensor] = {}
-    for k in ck.keys():
-        if not k.endswith(SCALE_SUFFIX):
-            continue
-        wkey = k[: -len(SCALE_SUFFIX)]
-        hit = map_key(wkey)
-        if hit is None or hit[0] not in params:
-            continue
-        target, place, expert = hit
-        s = ck.get(k)
-        rows, cols = ck.shape(wkey)[-2:]
-        br, bc = rows // s.shape[-2], cols // s.shape[-1]
-        if target not in out:
-            shape = params[target].shape
-            out[target] = torch.ones(*shape[:-2], shape[-2] // br, shape[-1] // bc, dtype=s.dtype)
-        view, _ = _place(out[target], place, expert)
-        view.copy_(s)
-    return out
-
-
 class Journal:
-    """``journal.jsonl`` in the work folder: one line per finished piece with its files' sha256."""
+    """``journal.jsonl`` in the work folder: one line per finished piece with its files' sha256 and
+    the input key it was made from (a record with another key is not trusted)."""
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, key: str = ""):
         self.path = work / "journal.jsonl"
         self.work = work
+        self.key = key
         self.entries: dict[str, dict[str, str]] = {}
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
-                    self.entries[rec["piece"]] = rec["files"]
+                    if rec.get("key", "") == key:
+                        self.entries[rec["piece"]] = rec["files"]
                 except (json.JSONDecodeError, KeyError):
                     break  # a torn last line from an interrupted write
 
@@ -107,7 +99,7 @@ class Journal:
         rec = {str(f.relative_to(self.work)): sha256(f) for f in files}
         self.entries[piece] = rec
         with open(self.path, "a") as f:
-            f.write(json.dumps({"piece": piece, "files": rec}) + "\n")
+            f.write(json.dumps({"piece": piece, "files": rec, "key": self.key}) + "\n")
             f.flush()
             os.fsync(f.fileno())
         return rec
@@ -144,40 +136,106 @@ def _versions() -> dict[str, str]:
 
 
 def build(ckpt: str | Path, target: Target | str, out: str | Path, *, resume: bool = False, progress: bool = True,
-          calib: str | Path | None = None, plan=None) -> dict:
-    """Build ``out`` for ``target`` from ``ckpt``; returns the manifest (also ``out/build.json``)."""
+          calib: str | Path | None = None, plan=None, overwrite: bool = False, workers: int = 1) -> dict:
+    """Build ``out`` for ``target`` from ``ckpt``; returns the manifest (also ``out/build.json``).
+
+    ``out`` follows :func:`m3_trt.outputs.check_output`: never equal to, inside or containing the
+    checkpoint (or ``calib``); an existing folder is replaced only when it is a previous build
+    (``build.json`` of ours) or ``overwrite`` is set. ``workers`` > 1 converts that many pieces at
+    once in a process pool; refused when :func:`m3_trt.plan.host_memory` says the host lacks the memory.
+    """
     tgt = load_target(target) if isinstance(target, str) else target
-    ckpt, out = Path(ckpt), Path(out)
-    work = out.parent / f".{out.name}.partial"
+    ckpt = Path(ckpt)
+    out = check_output(out, stage=BUILD, inputs=[ckpt, calib], overwrite=overwrite)
+    work = partial_dir(out)
     try:
-        return _build(ckpt, tgt, out, work, resume=resume, progress=progress, calib=calib, plan=plan)
+        return _build(ckpt, tgt, out, work, resume=resume, progress=progress, calib=calib, plan=plan,
+                      workers=workers)
     except BaseException:
         # keep the journaled pieces for --resume, never a half-written file
-        for stray in work.rglob("*.tmp") if work.exists() else ():
-            stray.unlink(missing_ok=True)
+        _clean_strays(work)
         raise
 
 
-def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, progress: bool, calib, plan) -> dict:
+def input_key(ckpt: Path, tgt: Target, calib) -> tuple[str, dict]:
+    """What a build's pieces depend on, and its sha256: every checkpoint file's name, size and
+    mtime, the target (overrides applied), the calibration file, and the tool's version.
+
+    Every journal record carries the key; a resume whose key differs starts over (and says what
+    changed) instead of mixing pieces made from different inputs.
+    """
+    files = {p.relative_to(ckpt).as_posix(): [p.stat().st_size, p.stat().st_mtime_ns]
+             for p in sorted(ckpt.rglob("*")) if p.is_file()}
+    cal = Path(calib) if calib else None
+    inputs = {"checkpoint": str(ckpt.resolve()), "checkpoint_files": files,
+              "target": {k: v for k, v in tgt.to_dict().items() if k != "source"},
+              "calib": [str(cal), cal.stat().st_size, cal.stat().st_mtime_ns] if cal and cal.is_file() else None,
+              "tool": _versions().get("m3-trt", "unknown"), "format": BUILD_FORMAT}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(), inputs
+
+
+def _changed(old: dict, new: dict) -> str:
+    """A short description of which input differs (for the resume message)."""
+    diff = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) == new.get(k):
+            continue
+        if isinstance(old.get(k), dict) and isinstance(new.get(k), dict):
+            sub = sorted(j for j in set(old[k]) | set(new[k]) if old[k].get(j) != new[k].get(j))
+            diff.append(f"{k}: {', '.join(sub[:4])}")
+        else:
+            diff.append(k)
+    return "; ".join(diff) or "the journal's key"
+
+
+def _prepare_work(work: Path, resume: bool, key: str, inputs: dict, log) -> None:
+    """A fresh work folder, or (``resume``) the kept one when it was made from the same inputs."""
+    if work.exists() and resume:
+        f = work / "inputs.json"
+        old = json.loads(f.read_text()) if f.is_file() else None
+        if old is None or old.get("key") != key:
+            why = _changed(old.get("inputs", {}), inputs) if old else "no inputs.json"
+            log(f"[build] --resume: the inputs changed since the interrupted build ({why}); starting over")
+            shutil.rmtree(work)
+    elif work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    _clean_strays(work)
+    _write_json({"key": key, "inputs": inputs}, work / "inputs.json")
+
+
+def _clean_strays(work: Path) -> None:
+    """Half-written files of an interrupted run: ``*.tmp`` and exporters' ``.<name>.partial.*`` folders."""
+    if not work.exists():
+        return
+    for stray in list(work.rglob("*.tmp")):
+        stray.unlink(missing_ok=True)
+    for d in sorted(work.rglob(".*.partial.*"), reverse=True):
+        if d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, progress: bool, calib, plan,
+           workers: int = 1) -> dict:
     from tqdm import tqdm
 
     from .config import M3Config
-    from .model import M3ForConditionalGeneration
-    from .plan import make_plan
-    from .runtime.shard import shard_state
+    from .pieces import PieceModel
+    from .plan import host_memory, make_plan
+    from .runtime.rank_weights import stream_rank_weights
 
     cfg = M3Config.from_pretrained(ckpt)
     scale_block = checkpoint_scale_block(ckpt)
     plan = plan or make_plan(cfg, tgt, scale_block=scale_block)
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    for stray in work.rglob("*.tmp"):
-        stray.unlink()
-    journal = Journal(work)
+    host = host_memory(cfg, workers)
+    if not host["fits"] and workers > 1:  # one worker is the least a build can use: it is tried
+        raise ValueError(f"--workers {workers} does not fit this host: {host['text']}")
+    log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
+    key, inputs = input_key(ckpt, tgt, calib)
+    _prepare_work(work, resume, key, inputs, log)
+    journal = Journal(work, key)
     delay = float(os.environ.get("M3_TRT_BUILD_PIECE_DELAY_S", "0") or 0)
     computed, reused = [], []
-    log = (lambda m: tqdm.write(m)) if progress else (lambda m: None)
 
     def piece(name: str, make: Callable[[], list[Path]]) -> None:
         if resume and journal.verified(name):
@@ -192,52 +250,37 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
             time.sleep(delay)
 
     t0 = time.perf_counter()
-    model = M3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
     lay = plan.layout
     fp8 = tgt.weight_dtype == "fp8"
-    block_scales = checkpoint_block_scales(ckpt, model) if fp8 and scale_block else {}
-    store = DTYPES[tgt.dtype if fp8 else tgt.weight_dtype]
+    pm = PieceModel(ckpt, cfg)  # the model on meta; pieces are materialized one at a time
+    full = _FullModel(ckpt)     # only the sharded ONNX graphs and FP8 Q/DQ ONNX still need the whole model
 
     if fp8:
         def make_calibration() -> list[Path]:
-            import copy
-
             from . import quant
 
-            ref = copy.deepcopy(model).to(DTYPES[tgt.dtype])
-            q = copy.deepcopy(ref)
-            inputs = quant.calibration_inputs(ckpt, calib)
-            emu = quant.calibrate(q, inputs, quant.Fp8Emulation(block_scales))
-            errors = quant.layer_errors(ref, q, inputs)
+            # layer by layer (one layer's weights in memory); a fresh PieceModel: calibration hooks it
+            cpm = PieceModel(ckpt, cfg)
+            cal_inputs = quant.calibration_inputs(ckpt, calib)
+            emu, errors = quant.calibrate_layerwise(cpm, cal_inputs, DTYPES[tgt.dtype],
+                                                    cpm.reader.block_scales if scale_block else None)
             return [_write_json({"activation_scales": emu.scales(), "layer_errors": errors,
-                                 "prompts": len(inputs), "calib": str(calib) if calib else "built-in",
-                                 "reference_dtype": tgt.dtype}, work / "calibration.json")]
+                                 "prompts": len(cal_inputs), "calib": quant.calibration_source(ckpt, calib),
+                                 "reference_dtype": tgt.dtype, "method": "layer by layer (quant.calibrate_layerwise)"},
+                                work / "calibration.json")]
         piece("calibration", make_calibration)
 
-    state = model.state_dict()
-    for r in tqdm(range(lay.world), desc="ranks", disable=not progress):
+    todo = [r for r in range(lay.world) if not (resume and journal.verified(f"rank{r}/weights"))]
+    native: dict[str, float] = {}
+    writers, kept = stream_rank_weights(pm, cfg, tgt, lay, work, todo, journal.key, resume, log, progress, native,
+                                        workers=workers)
+    for r in range(lay.world):
         def make_rank(r=r) -> list[Path]:
-            from . import quant
-
-            sl = shard_state(state, cfg.text, lay, r)
-            sl = {k: v.to(store) for k, v in tqdm(sl.items(), desc=f"rank {r} tensors", leave=False,
-                                                   disable=not progress)}
-            files = []
-            if fp8:
-                codes, scales = quant.quantize_state(sl, {k: shard_block(k, s) for k, s in block_scales.items()})
-                files.append(_save(scales, work / f"rank{r}" / "fp8_scales.safetensors"))
-                sl = codes
-            files.insert(0, _save(sl, work / f"rank{r}" / "weights.safetensors"))
-            return files
-
-        def shard_block(name, s, r=r):
-            from .runtime.shard import shard_tensor
-
-            # scale grids split like their weights when the split lands on block edges
-            return shard_tensor(name, s, cfg.text, lay, r) if lay.world == 1 else None
+            return [w.finish() for w in writers[r]]
         piece(f"rank{r}/weights", make_rank)
 
-    onnx_info = _onnx_pieces(model, cfg, tgt, lay, work, piece, log, ckpt=ckpt, calib=calib) if tgt.onnx else None
+    onnx_info = _onnx_pieces(pm, full, cfg, tgt, lay, work, piece, log, ckpt=ckpt, calib=calib) if tgt.onnx else None
+    full.drop()
 
     def make_trtllm() -> list[Path]:
         from m3_trt.export.trtllm import write_trtllm
@@ -249,38 +292,50 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
     for name, rec in journal.entries.items():
         files.update(rec)
     quant_report = json.loads((work / "calibration.json").read_text()) if fp8 else None
+    if fp8 and native:  # what this run wrote (a resumed run reports only the pieces it wrote)
+        quant_report["native_fp8"] = {
+            "tensors": len(native), "max_rel_weight_error": max(native.values()),
+            "reference": "the checkpoint's own dequantized weights (codes and block scales kept)"}
+    elif fp8:
+        quant_report["native_fp8"] = {"tensors": 0, "why": "checkpoint has no FP8 block scales" if lay.world == 1
+                                      else "sharded build: block scales are re-derived per output channel"}
     manifest = {
-        "format": "m3-trt-build/1", "target": tgt.to_dict(), "plan": plan.to_dict(), "layout": {
+        "format": BUILD_FORMAT, "target": tgt.to_dict(), "plan": plan.to_dict(), "layout": {
             "world": lay.world, "tp": lay.tp, "ep": lay.ep}, "config": cfg.to_hf_dict(), "checkpoint": str(ckpt),
+        "inputs": {"key": key, **inputs},
         "ranks": [{"rank": r, "weights": f"rank{r}/weights.safetensors",
                    "fp8_scales": f"rank{r}/fp8_scales.safetensors" if fp8 else None} for r in range(lay.world)],
         "files": files, "versions": _versions(), "quantization": quant_report, "onnx": onnx_info,
         "computed": computed, "reused": reused,
+        "pieces_kept_on_resume": {f"rank{r}": n for r, n in kept.items()},
+        "host_memory": {k: v for k, v in host.items() if k != "text"},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     _write_json(manifest, work / "build.json")
-    (work / "journal.jsonl").unlink()
-    _swap_into_place(work, out)
+    for f in ("journal.jsonl", "parts.jsonl", "inputs.json"):
+        (work / f).unlink(missing_ok=True)
+    swap_into_place(work, out)
     return manifest
 
 
-def _swap_into_place(work: Path, out: Path) -> None:
-    """``work`` becomes ``out``; a previous ``out`` is removed only after the rename succeeded."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    try:
-        work.rename(out)
-    except BaseException:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+class _FullModel:
+    """The whole fp32 model, loaded on first use (sharded ONNX, FP8 Q/DQ ONNX) and dropped after."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt, self.model = ckpt, None
+
+    def get(self):
+        from .model import M3ForConditionalGeneration
+
+        if self.model is None:
+            self.model = M3ForConditionalGeneration.from_pretrained(self.ckpt, dtype=torch.float32)
+        return self.model
+
+    def drop(self) -> None:
+        self.model = None
 
 
-def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: Path | None = None,
+def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: Path | None = None,
                  calib=None) -> dict:
     """Per-rank ONNX (+ engines with ``backend = tensorrt``); returns what goes into build.json.
 
@@ -291,12 +346,15 @@ def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: 
     A failed verification fails the build. One-rank FP8 builds export Q/DQ graphs (E4M3 weights,
     calibrated per-tensor activation scales: ``m3_trt.export.onnx.fp8``); sharded FP8 builds still
     export the activation-dtype weights of each rank (no Q/DQ in the split graphs yet).
+
+    Memory: a one-rank non-FP8 export and the replicated components stream (``pm``, one piece in
+    memory at a time); the FP8 Q/DQ export and the sharded split graphs still materialize the
+    whole model (``full``).
     """
     from m3_trt.export.onnx import PLUGIN_MODES, export_model
 
     from .runtime.onnx_export import REPLICATED, export_graphs, verify_rank, write_rank
 
-    model = model.to(DTYPES[tgt.dtype]).eval()
     kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len, max_batch=tgt.max_batch)
     fp8_qdq = tgt.weight_dtype == "fp8" and lay.world == 1
     if fp8_qdq:
@@ -317,7 +375,8 @@ def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: 
 
     def export_whole(dst: Path, components=None) -> list[Path]:
         shutil.rmtree(dst, ignore_errors=True)
-        export_model(model, dst, verify=True, components=components, progress=log, **kw)
+        source = full.get().to(DTYPES[tgt.dtype]).eval() if fp8_qdq else pm
+        export_model(source, dst, verify=True, components=components, progress=log, **kw)
         check(str(dst.relative_to(work)), json.loads((dst / "manifest.json").read_text()).get("verify", {}))
         return files_under(dst)
 
@@ -334,9 +393,12 @@ def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: 
         info["replicated"] = {"dir": "replicated/onnx", "components": REPLICATED, "verify": json.loads(
             (work / "replicated" / "onnx" / "manifest.json").read_text()).get("verify")}
 
+        def model():
+            return full.get().to(DTYPES[tgt.dtype]).eval()
+
         def make_graphs() -> list[Path]:
             shutil.rmtree(work / "onnx_graphs", ignore_errors=True)
-            rm0 = RankModel.from_full(model, lay, 0, dtype=DTYPES[tgt.dtype], kernels=kernels)
+            rm0 = RankModel.from_full(model(), lay, 0, dtype=DTYPES[tgt.dtype], kernels=kernels)
             export_graphs(rm0, work / "onnx_graphs", plugins=tgt.plugins, max_seq_len=tgt.max_seq_len,
                           max_batch=tgt.max_batch, progress=log)
             return files_under(work / "onnx_graphs")
@@ -348,7 +410,7 @@ def _onnx_pieces(model, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: 
 
             def make_rank(r=r, dst=dst) -> list[Path]:
                 shutil.rmtree(dst, ignore_errors=True)
-                rm = RankModel.from_full(model, lay, r, dtype=DTYPES[tgt.dtype], kernels=kernels)
+                rm = RankModel.from_full(model(), lay, r, dtype=DTYPES[tgt.dtype], kernels=kernels)
                 write_rank(rm, work / "onnx_graphs", dst, replicated="../../replicated/onnx", **kw)
                 verify = verify_rank(rm, dst)
                 (dst / "verify.json").write_text(json.dumps(verify, indent=2) + "\n")

@@ -16,6 +16,16 @@ FP8 (E4M3) weights carry a sibling ``<name>_scale_inv``: float32 block scales (e
 or MXFP8 E8M0 exponents stored as uint8 (``[1, 32]`` blocks, scale ``2**(e - 127)``). The block
 shape is derived from the scale grid (``rows // scale_rows``, ``cols // scale_cols``), as
 transformers' ``Fp8Dequantize`` does.
+
+Stored dtypes are checked against the target, never cast blindly: a float parameter accepts a
+float dtype, or an FP8 code with its ``_scale_inv`` sibling; a ``_scale_inv`` is float32 or uint8
+(E8M0). Anything else (an I32 or U8 relabelling of a float tensor …) is a :class:`CheckpointError`
+naming the key, the stored dtype and what was expected.
+
+Shard names in ``model.safetensors.index.json`` must be plain file names in the checkpoint folder
+(no ``/``, ``\\``, ``..``, absolute paths): they are checked as strings before anything is opened,
+so a refused name says nothing about files outside the folder. (A shard may still be a symlink:
+the Hugging Face cache keeps ``snapshots/<rev>/*.safetensors`` as links into ``blobs/``.)
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import torch
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+SCALE_DTYPES = (torch.float32, torch.uint8)  # block scales, MXFP8 E8M0 exponents
 
 
 class CheckpointError(ValueError):
@@ -121,10 +133,7 @@ class SafetensorsCheckpoint:
             raise CheckpointError(f"checkpoint folder {self.path} does not exist")
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_weight_map(index)
             files = sorted(set(weight_map.values()))
         elif (self.path / "model.safetensors").is_file():
             files, weight_map = ["model.safetensors"], None
@@ -161,6 +170,52 @@ class SafetensorsCheckpoint:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._handles[self.key_to_file[key]].get_slice(key).get_shape())
+
+
+def read_weight_map(index: Path) -> dict[str, str]:
+    """``weight_map`` of a safetensors index, every value a plain shard file name (see module doc)."""
+    try:
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+    if not isinstance(raw, dict) or "weight_map" not in raw:
+        raise CheckpointError(f"{index}: not a safetensors index (no 'weight_map' object)")
+    weight_map = raw["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name, "
+                              f"got {type(weight_map).__name__}")
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] must be a shard file name (a string), "
+                                  f"got {type(name).__name__}")
+        if not _plain_file_name(name):
+            raise CheckpointError(f"{index}: weight_map[{key!r}] = {name!r} is not a plain file name in the "
+                                  f"checkpoint folder (no '/', '\\', '..' or absolute paths); refusing it")
+    return weight_map
+
+
+def _plain_file_name(name: str) -> bool:
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def check_dtype(key: str, dtype: torch.dtype, *, float_target: bool, scale: bool = False) -> None:
+    """Refuse a stored dtype the target cannot take as is (a relabelled tensor would load as garbage)."""
+    if scale:
+        if dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{key}: stored as {_st_name(dtype)}; an FP8 scale must be F32 (block scales) "
+                                  f"or U8 (E8M0 exponents)")
+    elif float_target and dtype not in FLOAT_DTYPES and dtype not in FP8_DTYPES:
+        raise CheckpointError(f"{key}: stored as {_st_name(dtype)}, but it is a float parameter; expected F32, F16, "
+                              f"BF16 or F64, or F8_E4M3/F8_E5M2 with a {key + SCALE_SUFFIX} beside it")
+
+
+_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL", **{d: n for d, n in zip(FP8_DTYPES, ("F8_E4M3", "F8_E5M2"))}}
+
+
+def _st_name(dtype: torch.dtype) -> str:
+    return _ST_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 @dataclass
@@ -222,10 +277,13 @@ def load_into(module: torch.nn.Module, ckpt: SafetensorsCheckpoint, *, progress=
         param = targets[target]
         tensor = ckpt.get(key)
         scale_key = _scale_key(key)
+        check_dtype(key, tensor.dtype, float_target=param.is_floating_point())
         if tensor.dtype in FP8_DTYPES:
             if scale_key not in all_scales:
                 raise CheckpointError(f"{key}: FP8 tensor without its {scale_key}")
-            tensor = dequantize_fp8(tensor, ckpt.get(scale_key), torch.float32, name=key)
+            scale = ckpt.get(scale_key)
+            check_dtype(scale_key, scale.dtype, float_target=True, scale=True)
+            tensor = dequantize_fp8(tensor, scale, torch.float32, name=key)
             report.dequantized.append(key)
             scale_keys.discard(scale_key)
             report.loaded.append(scale_key)

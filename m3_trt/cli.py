@@ -150,7 +150,8 @@ def _extension_registrars():
     import importlib
 
     for mod, fn in (("m3_trt.export.cli", "register"), ("m3_trt.engines_cli", "register"),
-                    ("m3_trt.serving.cli", "register"), ("m3_trt.compare.cli", "register")):
+                    ("m3_trt.serving.cli", "register"), ("m3_trt.compare.cli", "register"),
+                    ("m3_trt.synthetic", "register"), ("m3_trt.quantize", "register")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

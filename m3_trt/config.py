@@ -6,13 +6,25 @@ legacy keys it accepts: ``sparse_attention_config`` (``sparse_num_index_heads`` 
 beside ``rope_parameters``. Every invalid value raises :class:`ConfigError` naming the key.
 
 The rotated width of the text RoPE is ``int(head_dim * partial_rotary_factor)`` (what
-transformers computes); a ``rotary_dim`` key that disagrees with it is an error rather than a
-silent choice between the two.
+transformers computes: ``MiniMaxM3VLRotaryEmbedding.compute_default_rope_parameters``; a missing
+factor is 1.0). transformers declares a ``rotary_dim`` key (default 64, always written by
+``save_pretrained``) but never reads it, so a ``rotary_dim`` that disagrees with the factor is
+reported in :attr:`M3Config.notes` (and as a :class:`ConfigNote` warning), not an error.
+
+Keys that set a tensor shape (:data:`REQUIRED_TEXT` …) must be present: transformers would fill a
+missing one with the full-size default (hidden 6144 …), which silently describes another model;
+``save_pretrained`` always writes them. Every other key takes transformers' default (a missing
+``projector_hidden_size`` too, with a note: see :data:`PROJECTOR_DEFAULT`). Values are
+type-checked before anything is sized from them (``num_hidden_layers`` at most
+:data:`MAX_LAYERS`), so a bad value is a :class:`ConfigError`, never a ``TypeError``,
+``ZeroDivisionError`` or ``MemoryError``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +33,60 @@ LAYER_TYPES = ("full_attention", "minimax_m3_sparse")
 MLP_LAYER_TYPES = ("dense", "sparse")
 
 
+# Keys that set tensor shapes: required (no silent full-size default). The MoE / dense / indexer
+# groups are required only when some layer uses them (the legacy ``sparse_attention_config``
+# names count for the indexer ones).
+REQUIRED_TEXT = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim")
+REQUIRED_MOE = ("intermediate_size", "shared_intermediate_size", "num_local_experts", "num_experts_per_tok")
+REQUIRED_DENSE = ("dense_intermediate_size",)
+REQUIRED_INDEXER = ("index_n_heads", "index_head_dim")
+REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# projector_hidden_size is the one shape key that takes transformers' default (6144) when missing,
+# with a note: the released checkpoint's remote-code config may not carry it, and the projector
+# weights' shapes are checked against it at load anyway.
+PROJECTOR_DEFAULT = 6144
+# Checked before any per-layer list is built from num_hidden_layers (full size has 60 text and
+# 32 vision layers): a bound, not a model limit, so that 10**9 is a named error, not a MemoryError.
+MAX_LAYERS = 4096
+
+
 class ConfigError(ValueError):
     """A config.json value that the model cannot use; the message names the key and the value."""
+
+
+class ConfigNote(UserWarning):
+    """A config.json value we read differently from its face value, as transformers does (e.g. an
+    ignored ``rotary_dim``); the model still loads. Also kept in :attr:`M3Config.notes`."""
 
 
 def _need(cond: bool, key: str, value: Any, why: str) -> None:
     if not cond:
         raise ConfigError(f"config key {key!r} = {value!r}: {why}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _need_pos_int(key: str, v: Any, hi: int | None = None) -> None:
+    _need(_is_int(v) and v > 0, key, v, "must be a positive integer")
+    if hi is not None:
+        _need(v <= hi, key, v, f"must be at most {hi}")
+
+
+def _need_pos_number(key: str, v: Any) -> None:
+    _need(_is_number(v) and v > 0, key, v, "must be a finite number > 0")
+
+
+def _need_token(key: str, v: Any, vocab_size: int, optional: bool = True) -> None:
+    if v is None and optional:
+        return
+    _need(_is_int(v) and 0 <= v < vocab_size, key, v, f"must be an integer token id below vocab_size={vocab_size}")
 
 
 @dataclass(frozen=True)
@@ -63,6 +122,7 @@ class TextConfig:
     tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        _need_pos_int("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS)  # before sizing lists by it
         if not self.layer_types:
             object.__setattr__(self, "layer_types", ("full_attention",) * self.num_hidden_layers)
         if not self.mlp_layer_types:
@@ -72,14 +132,17 @@ class TextConfig:
     def validate(self) -> None:
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "intermediate_size", "dense_intermediate_size",
-                    "num_local_experts", "num_experts_per_tok", "index_n_heads", "index_head_dim",
-                    "index_block_size", "index_topk_blocks", "max_position_embeddings"):
-            v = getattr(self, key)
-            _need(isinstance(v, int) and not isinstance(v, bool) and v > 0, key, v, "must be a positive integer")
+                    "shared_intermediate_size", "num_local_experts", "num_experts_per_tok", "index_n_heads",
+                    "index_head_dim", "index_block_size", "index_topk_blocks", "max_position_embeddings"):
+            _need_pos_int(key, getattr(self, key), MAX_LAYERS if key == "num_hidden_layers" else None)
         _need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
               self.num_key_value_heads, f"must divide num_attention_heads={self.num_attention_heads}")
-        _need(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim", self.rotary_dim,
-              f"must be even and within 1..head_dim={self.head_dim}")
+        _need(_is_int(self.rotary_dim) and 0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+              "rotary_dim", self.rotary_dim, f"must be even and within 1..head_dim={self.head_dim}")
+        for key in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"):
+            _need_pos_number(key, getattr(self, key))
+        _need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
+              "must be true or false")
         _need(len(self.layer_types) == self.num_hidden_layers, "layer_types", list(self.layer_types),
               f"needs one entry per layer (num_hidden_layers={self.num_hidden_layers})")
         _need(len(self.mlp_layer_types) == self.num_hidden_layers, "mlp_layer_types", list(self.mlp_layer_types),
@@ -96,12 +159,13 @@ class TextConfig:
             # num_attention_heads // index_n_heads: one selection per KV group.
             _need(self.index_n_heads == self.num_key_value_heads, "index_n_heads", self.index_n_heads,
                   f"must equal num_key_value_heads={self.num_key_value_heads} (one block selection per KV group)")
-            _need(self.index_local_blocks >= 0, "index_local_blocks", self.index_local_blocks, "must be >= 0")
-        _need(self.rms_norm_eps > 0, "rms_norm_eps", self.rms_norm_eps, "must be > 0")
-        _need(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _need(_is_int(self.index_local_blocks) and self.index_local_blocks >= 0, "index_local_blocks",
+              self.index_local_blocks, "must be an integer >= 0")
         for key in ("bos_token_id", "pad_token_id"):
-            v = getattr(self, key)
-            _need(v is None or 0 <= v, key, v, "must be a non-negative token id")
+            _need_token(key, getattr(self, key), self.vocab_size)
+        _need(isinstance(self.eos_token_id, tuple), "eos_token_id", self.eos_token_id, "must be a tuple of token ids")
+        for v in self.eos_token_id:
+            _need_token("eos_token_id", v, self.vocab_size, optional=False)
 
     @property
     def has_sparse_layers(self) -> bool:
@@ -135,11 +199,12 @@ class VisionConfig:
     def __post_init__(self) -> None:
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_channels", "patch_size", "temporal_patch_size", "spatial_merge_size"):
-            v = getattr(self, key)
-            _need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"vision_config.{key}", v,
-                  "must be a positive integer")
+            _need_pos_int(f"vision_config.{key}", getattr(self, key),
+                          MAX_LAYERS if key == "num_hidden_layers" else None)
         _need(self.hidden_size % self.num_attention_heads == 0, "vision_config.num_attention_heads",
               self.num_attention_heads, f"must divide vision_config.hidden_size={self.hidden_size}")
+        for key in ("layer_norm_eps", "rope_theta"):
+            _need_pos_number(f"vision_config.{key}", getattr(self, key))
         _need(self.hidden_act in ("gelu",), "vision_config.hidden_act", self.hidden_act, "only 'gelu' is supported")
 
     @property
@@ -159,10 +224,15 @@ class M3Config:
     video_token_id: int = 200026
     projector_hidden_size: int = 6144
     tie_word_embeddings: bool = False
+    # What was read differently from its face value (e.g. an ignored rotary_dim); not part of the model.
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         for key, v in (("image_token_index", self.image_token_id), ("video_token_index", self.video_token_id)):
-            _need(0 <= v < self.text.vocab_size, key, v, f"must be a token id below vocab_size={self.text.vocab_size}")
+            _need_token(key, v, self.text.vocab_size, optional=False)
+        _need_pos_int("projector_hidden_size", self.projector_hidden_size)
+        _need(isinstance(self.tie_word_embeddings, bool), "tie_word_embeddings", self.tie_word_embeddings,
+              "must be true or false")
 
     @property
     def merged_hidden_size(self) -> int:
@@ -194,16 +264,24 @@ class M3Config:
             raise ConfigError(f"config key 'text_config' = {text_raw!r}: must be an object")
         if not isinstance(vision_raw, dict):
             raise ConfigError(f"config key 'vision_config' = {vision_raw!r}: must be an object")
-        text = _text_from_dict(text_raw)
+        notes: list[str] = []
+        text = _text_from_dict(text_raw, notes)
         vision = _vision_from_dict(vision_raw)
-        tie = bool(raw.get("tie_word_embeddings", False) or text.tie_word_embeddings)
+        if "projector_hidden_size" not in raw:
+            notes.append(f"config key 'projector_hidden_size' is missing: using transformers' default "
+                         f"{PROJECTOR_DEFAULT} (the projector weights must have that width)")
+        tie = raw.get("tie_word_embeddings", False)
+        _need(isinstance(tie, bool), "tie_word_embeddings", tie, "must be true or false")
+        for note in notes:
+            warnings.warn(note, ConfigNote, stacklevel=2)
         return cls(
             text=text,
             vision=vision,
-            image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 200025))),
-            video_token_id=int(raw.get("video_token_index", raw.get("video_token_id", 200026))),
-            projector_hidden_size=int(raw.get("projector_hidden_size", 6144)),
-            tie_word_embeddings=tie,
+            image_token_id=raw.get("image_token_index", raw.get("image_token_id", 200025)),
+            video_token_id=raw.get("video_token_index", raw.get("video_token_id", 200026)),
+            projector_hidden_size=raw.get("projector_hidden_size", PROJECTOR_DEFAULT),
+            tie_word_embeddings=tie or text.tie_word_embeddings,  # as transformers: either one ties
+            notes=tuple(notes),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -237,13 +315,24 @@ class M3Config:
         return replace(self, text=replace(self.text, **changes))
 
 
-def _int_list(raw: dict, key: str, flags) -> tuple:
-    if not isinstance(flags, (list, tuple)):
-        raise ConfigError(f"config key {key!r} = {flags!r}: must be a list")
+def _require(raw: dict, keys: tuple[str, ...], prefix: str) -> None:
+    missing = [k for k in keys if k not in raw]
+    if missing:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"config keys {', '.join(where + k for k in missing)} are missing: they set tensor shapes, "
+                          f"and a default would describe the full-size model, not this checkpoint")
+
+
+def _list(key: str, flags: Any, n_layers: int) -> tuple:
+    _need(isinstance(flags, (list, tuple)), key, flags, "must be a list")
+    _need(len(flags) == n_layers, key, list(flags), f"needs one entry per layer (num_hidden_layers={n_layers})")
     return tuple(flags)
 
 
-def _text_from_dict(raw: dict[str, Any]) -> TextConfig:
+def _text_from_dict(raw: dict[str, Any], notes: list[str]) -> TextConfig:
+    _require(raw, REQUIRED_TEXT, "text_config")
+    n_layers = raw["num_hidden_layers"]
+    _need_pos_int("num_hidden_layers", n_layers, MAX_LAYERS)  # before any list is sized by it
     known = {f for f in TextConfig.__dataclass_fields__}
     kw: dict[str, Any] = {k: raw[k] for k in known if k in raw and k not in ("layer_types", "mlp_layer_types",
                                                                                "eos_token_id", "rotary_dim",
@@ -260,17 +349,23 @@ def _text_from_dict(raw: dict[str, Any]) -> TextConfig:
 
     layer_types = raw.get("layer_types")
     if layer_types is None and "sparse_attention_freq" in sparse:
-        freq = _int_list(raw, "sparse_attention_config.sparse_attention_freq", sparse["sparse_attention_freq"])
+        freq = _list("sparse_attention_config.sparse_attention_freq", sparse["sparse_attention_freq"], n_layers)
         layer_types = ["minimax_m3_sparse" if f else "full_attention" for f in freq]
     mlp_types = raw.get("mlp_layer_types")
     if mlp_types is None and raw.get("moe_layer_freq") is not None:
-        freq = _int_list(raw, "moe_layer_freq", raw["moe_layer_freq"])
+        freq = _list("moe_layer_freq", raw["moe_layer_freq"], n_layers)
         mlp_types = ["sparse" if f else "dense" for f in freq]
-    n_layers = raw.get("num_hidden_layers", TextConfig.num_hidden_layers)
-    kw["layer_types"] = tuple(_int_list(raw, "layer_types", layer_types)) if layer_types is not None else \
-        ("full_attention",) * n_layers if isinstance(n_layers, int) else ()
-    kw["mlp_layer_types"] = tuple(_int_list(raw, "mlp_layer_types", mlp_types)) if mlp_types is not None else \
-        ("sparse",) * n_layers if isinstance(n_layers, int) else ()
+    kw["layer_types"] = (_list("layer_types", layer_types, n_layers) if layer_types is not None
+                         else ("full_attention",) * n_layers)
+    kw["mlp_layer_types"] = (_list("mlp_layer_types", mlp_types, n_layers) if mlp_types is not None
+                             else ("sparse",) * n_layers)
+    # kw holds the flat keys and the legacy names mapped onto them
+    if "sparse" in kw["mlp_layer_types"]:
+        _require(kw, REQUIRED_MOE, "text_config")
+    if "dense" in kw["mlp_layer_types"]:
+        _require(kw, REQUIRED_DENSE, "text_config")
+    if "minimax_m3_sparse" in kw["layer_types"]:
+        _require(kw, REQUIRED_INDEXER, "text_config")
 
     # RoPE: rope_parameters wins, legacy top-level keys fill in (transformers' standardisation).
     rope = raw.get("rope_parameters") or {}
@@ -279,35 +374,44 @@ def _text_from_dict(raw: dict[str, Any]) -> TextConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     _need(rope_type == "default", "text_config.rope_parameters.rope_type", rope_type, "only 'default' RoPE is supported")
     theta = rope.get("rope_theta", raw.get("rope_theta", 5_000_000.0))
+    _need_pos_number("text_config.rope_parameters.rope_theta", theta)
     prf = rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    head_dim = raw.get("head_dim") or (raw.get("hidden_size", 6144) // raw.get("num_attention_heads", 64))
-    kw["head_dim"] = head_dim
-    if not isinstance(prf, (int, float)) or not 0 < prf <= 1:
-        raise ConfigError(f"config key 'partial_rotary_factor' = {prf!r}: must be in (0, 1]")
+    _need(_is_number(prf) and 0 < prf <= 1, "partial_rotary_factor", prf, "must be in (0, 1]")
+    head_dim = raw["head_dim"]
+    _need_pos_int("head_dim", head_dim)
+    # transformers: dim = int(head_dim * partial_rotary_factor), inv_freq over arange(0, dim, 2) / dim
     rot = int(head_dim * prf)
+    _need(rot >= 2 and rot % 2 == 0, "partial_rotary_factor", prf,
+          f"rotates int(head_dim {head_dim} x {prf}) = {rot} channels; a positive even count is needed "
+          f"(an odd one has no rotate-half pairing in the exported RoPE)")
     if "rotary_dim" in raw:
         rd = raw["rotary_dim"]
-        _need(isinstance(rd, int) and 0 < rd <= head_dim, "rotary_dim", rd, f"must be within 1..head_dim={head_dim}")
-        _need(rd == rot, "rotary_dim", rd,
-              f"disagrees with head_dim {head_dim} x partial_rotary_factor {prf} = {rot} (what transformers rotates)")
+        _need(_is_int(rd), "rotary_dim", rd, "must be an integer (transformers refuses other types)")
+        if rd != rot:
+            notes.append(f"text_config.rotary_dim = {rd} is ignored, as transformers ignores it: RoPE rotates "
+                         f"head_dim {head_dim} x partial_rotary_factor {prf} = {rot} channels")
     kw["rotary_dim"] = rot
     kw["rope_theta"] = float(theta)
 
     eos = raw.get("eos_token_id", 200020)
-    kw["eos_token_id"] = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    try:
-        return TextConfig(**kw)
-    except TypeError as e:
-        raise ConfigError(f"text_config: {e}") from None
+    eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    for v in eos:
+        _need(_is_int(v), "eos_token_id", raw.get("eos_token_id"), "must be an integer token id or a list of them")
+    kw["eos_token_id"] = eos
+    return TextConfig(**kw)
 
 
 def _vision_from_dict(raw: dict[str, Any]) -> VisionConfig:
+    _require(raw, REQUIRED_VISION, "vision_config")
     known = {f for f in VisionConfig.__dataclass_fields__} - {"rope_theta"}
     kw: dict[str, Any] = {k: raw[k] for k in known if k in raw}
     rope = raw.get("rope_parameters") or {}
+    _need(isinstance(rope, dict), "vision_config.rope_parameters", rope, "must be an object")
     rope_type = rope.get("rope_type", "axial")
     _need(rope_type == "axial", "vision_config.rope_parameters.rope_type", rope_type, "only 'axial' RoPE is supported")
-    kw["rope_theta"] = float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    _need_pos_number("vision_config.rope_parameters.rope_theta", theta)
+    kw["rope_theta"] = float(theta)
     return VisionConfig(**kw)
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .cache import LayerCache, StaticCache, write_idx, write_kv
 from .config import M3Config, TextConfig
 from .plugins.swiglu_moe.reference import swiglu_oai  # the one SwiGLU-OAI (dense MLP, shared expert, experts)
+from .plugins.registry import OPERATORS
 from .vision import Projector, VisionTower, vision_position_ids, vision_segment_ids
 
 # reference: the readable spec; torch: linear-memory CPU path; triton: GPU kernels (interpreter on CPU);
@@ -41,18 +42,13 @@ KERNELS = ("reference", "torch", "triton", "portable", "custom_op")
 # -- plugin dispatch ----------------------------------------------------------------------------
 
 def _op(name: str, impl: str):
-    """The public dispatcher of plugin ``name`` (imported lazily: triton kernels must not load early)."""
-    import importlib
-
+    """The public dispatcher of plugin ``name`` with ``impl`` bound (``plugins/registry.py``)."""
+    op = OPERATORS[name]
     if impl == "portable":  # plain functions (no custom-op node), static shapes
-        try:
-            return getattr(importlib.import_module(f"m3_trt.plugins.{name}.portable"), f"{name}_portable")
-        except ModuleNotFoundError:  # the spec itself has static shapes
-            return getattr(importlib.import_module(f"m3_trt.plugins.{name}.reference"), f"{name}_reference")
+        return op.portable
     if impl == "custom_op":  # the dispatchers run through torch.ops.m3.<name>: one node per plugin
         impl = "torch"
-    fn = getattr(importlib.import_module(f"m3_trt.plugins.{name}"), name)
-    return lambda *a, **k: fn(*a, impl=impl, **k)
+    return lambda *a, **k: op.fn(*a, impl=impl, **k)
 
 
 # -- building blocks ----------------------------------------------------------------------------
@@ -314,8 +310,12 @@ class M3ForConditionalGeneration(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, pixel_values=None, image_grid_thw=None,
                 cache: StaticCache | None = None, *, pixel_values_videos=None, video_grid_thw=None,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                return_hidden: bool = False):
-        """``(logits [B, S, V], cache)``; with ``return_hidden`` also the per-layer hidden states."""
+                return_hidden: bool = False, logits_at: torch.Tensor | None = None):
+        """``(logits [B, S, V], cache)``; with ``return_hidden`` also the per-layer hidden states.
+
+        ``logits_at [B]`` (int): only row ``b``'s position ``logits_at[b]`` goes through the head,
+        so logits are ``[B, 1, V]`` (a batched step needs one row per sequence, not the padding).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -340,5 +340,7 @@ class M3ForConditionalGeneration(nn.Module):
             hidden.append(x)
         if cache is not None:
             cache.length = start + S
+        if logits_at is not None:
+            x = x[torch.arange(B, device=x.device), logits_at][:, None]
         logits = self.lm_head(lm.norm(x))
         return (logits, cache, hidden) if return_hidden else (logits, cache)

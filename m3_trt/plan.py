@@ -207,3 +207,45 @@ def make_plan(cfg: M3Config, target: Target, scale_block: tuple[int, int] | None
     }
     return Plan(target=target, layout=lay, notes=notes, ranks=ranks,
                 budget_bytes=int(target.gpu_memory_gib * GIB), sharding=sharding)
+
+
+# One conversion process without its piece: python + torch + the checkpoint reader (measured
+# ~0.8 GiB RSS on Linux x86-64), rounded up.
+WORKER_BASE_BYTES = 1 * GIB
+
+
+def host_available_bytes() -> int:
+    """``MemAvailable`` from ``/proc/meminfo`` (physical memory where that file is absent)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_memory(cfg: M3Config, workers: int = 1, available: int | None = None) -> dict:
+    """Host memory a build converting ``workers`` pieces at once needs, and whether the host has it.
+
+    Each converting process holds its base (:data:`WORKER_BASE_BYTES`) plus 3x the largest piece in
+    fp32 (the fp32 fill, its sharded / cast copy, the FP8 codes); with ``workers`` > 1 the main
+    process only appends the workers' results (its base).
+    """
+    from .pieces import piece_of
+
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: must be >= 1")
+    sizes: dict[str, int] = {}
+    for name, t in _meta_state(cfg).items():
+        sizes[piece_of(name)] = sizes.get(piece_of(name), 0) + 4 * t.numel()
+    piece, largest = max(sizes.items(), key=lambda kv: kv[1])
+    per_worker = WORKER_BASE_BYTES + 3 * largest
+    need = per_worker * workers + (WORKER_BASE_BYTES if workers > 1 else 0)
+    avail = host_available_bytes() if available is None else available
+    return {"workers": workers, "largest_piece": piece, "largest_piece_fp32_bytes": largest,
+            "per_worker_bytes": per_worker, "need_bytes": need, "available_bytes": avail, "fits": need <= avail,
+            "text": f"host memory: {workers} worker(s) x {per_worker / GIB:.2f} GiB (largest piece {piece}: "
+                    f"{largest / GIB:.2f} GiB fp32) = {need / GIB:.2f} GiB of {avail / GIB:.2f} GiB available"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import types
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -125,14 +126,16 @@ class Fp8Emulation:
             raise RuntimeError(f"no calibration data for {name} (was it reached by the calibration prompts?)")
         return max(self.amax[name], 1e-12) / E4M3_MAX
 
-    def attach(self, model: nn.Module) -> "Fp8Emulation":
+    def attach(self, model: nn.Module, prefix: str = "") -> "Fp8Emulation":
+        """``model``: the whole model, or one decoder layer with ``prefix`` = its full name
+        (``model.language_model.layers.<i>``: the layer-by-layer calibration)."""
         from .model import MoE
 
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for name, p in model.named_parameters(prefix=prefix):
                 if is_fp8_weight(name, p):
                     p.copy_(qdq_weight(p, self.block_scales.get(name)))
-        for name, m in model.named_modules():
+        for name, m in model.named_modules(prefix=prefix):
             if not name.startswith("model.language_model.layers."):
                 continue
             if isinstance(m, MoE):
@@ -168,16 +171,66 @@ def _builtin_image(seed: int):
     return Image.fromarray((rgb.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy())
 
 
+TOKEN_ID_PROMPTS = 6  # built-in prompts of a checkpoint without a tokenizer: seeded random ids
+TOKEN_ID_LEN = 48
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def has_tokenizer(ckpt: str | Path) -> bool:
+    return any((Path(ckpt) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def token_id_inputs(ckpt: str | Path, calib: str | Path | None = None) -> list[dict]:
+    """Calibration inputs from token ids (a checkpoint without tokenizer files): ``calib`` lines
+    ``{"input_ids": [int, ...]}``, or built-in seeded random ids below the image token (text only)."""
+    from .config import M3Config
+
+    cfg = M3Config.from_pretrained(ckpt)
+    V = min(cfg.text.vocab_size, min(t for t in (cfg.image_token_id, cfg.video_token_id) if t is not None)
+            if cfg.image_token_id is not None else cfg.text.vocab_size)
+    if calib is None:
+        g = torch.Generator().manual_seed(0)
+        return [{"input_ids": torch.randint(0, V, (1, TOKEN_ID_LEN), generator=g)} for _ in range(TOKEN_ID_PROMPTS)]
+    out = []
+    for n, line in enumerate(Path(calib).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            ids = json.loads(line)["input_ids"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{calib}:{n + 1}: the checkpoint has no tokenizer files ({', '.join(TOKENIZER_FILES)});"
+                             f" calibration lines must be {{\"input_ids\": [int, ...]}}") from None
+        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool)
+                                                       and 0 <= i < cfg.text.vocab_size for i in ids)):
+            raise ValueError(f"{calib}:{n + 1}: input_ids must be a non-empty list of ints in [0, "
+                             f"{cfg.text.vocab_size})")
+        out.append({"input_ids": torch.tensor([ids])})
+    if not out:
+        raise ValueError(f"{calib}: no calibration prompts")
+    return out
+
+
+def calibration_source(ckpt: str | Path, calib: str | Path | None) -> str:
+    """What the calibration prompts are, in words (for the build report)."""
+    if has_tokenizer(ckpt):
+        return str(calib) if calib else "built-in"
+    return (f"{calib} (token ids" if calib else f"built-in: {TOKEN_ID_PROMPTS} seeded random token-id prompts "
+            f"of {TOKEN_ID_LEN} tokens, text only (") + "the checkpoint has no tokenizer files)"
+
+
 def calibration_inputs(ckpt: str | Path, calib: str | Path | None = None) -> list[dict]:
     """Model inputs (``input_ids`` + optional ``pixel_values``/``image_grid_thw``) for calibration.
 
     Built-in: the text prompts above, every other one with a synthetic gradient image. ``calib``:
-    a jsonl file, one ``{"text": str, "image": path (optional)}`` per line.
+    a jsonl file, one ``{"text": str, "image": path (optional)}`` per line. A checkpoint without
+    tokenizer files calibrates from token ids instead (:func:`token_id_inputs`).
     """
     from PIL import Image
 
     from .processing import M3Processor
 
+    if not has_tokenizer(ckpt):
+        return token_id_inputs(ckpt, calib)
     proc = M3Processor.from_pretrained(ckpt)
     items: list[tuple[str, object]] = []
     if calib is None:
@@ -235,6 +288,58 @@ def layer_errors(ref: nn.Module, fp8: nn.Module, inputs: list[dict]) -> list[dic
             num_cum[i] += float((h_q[i + 1].double() - h_ref[i + 1].double()).norm() ** 2)
     return [{"layer": i, "variant": ref.config.text.layer_variant(i), "isolated": (num_iso[i] / den[i]) ** 0.5,
              "cumulative": (num_cum[i] / den[i]) ** 0.5} for i in range(n)]
+
+
+@torch.no_grad()
+def calibrate_layerwise(pm, inputs: list[dict], dtype: torch.dtype,
+                        block_scales: Callable[[str], dict[str, torch.Tensor]] | None = None
+                        ) -> tuple[Fp8Emulation, list[dict]]:
+    """:func:`calibrate` + :func:`layer_errors` one decoder layer at a time (``pm``: a fresh
+    :class:`m3_trt.pieces.PieceModel`; its modules get hooks).
+
+    Per input three hidden states are carried from layer to layer: the reference (``dtype``), the
+    calibration stream (QDQ weights, activations observed) and the FP8 stream (QDQ weights and
+    activations). Layer ``i`` is loaded, run as the reference, then given QDQ weights: it observes
+    every input's calibration stream (which fixes its activation scales), then runs the FP8 stream
+    and the reference input (the ``isolated`` error). Only one layer's weights are in memory; the
+    numbers equal the whole-model functions' (same modules, same order of accumulation).
+    """
+    from .model import rope_cos_sin
+
+    model = pm.model
+    cfg = model.config
+    emu = Fp8Emulation()
+    with pm.loaded("embedding", dtype), pm.loaded("vision", dtype), pm.loaded("projector", dtype):
+        h0 = [model.embed(inp["input_ids"], inp.get("pixel_values"), inp.get("image_grid_thw")) for inp in inputs]
+    rope = []
+    for h in h0:
+        B, S, _ = h.shape
+        pos = torch.arange(S)[None].expand(B, S)
+        rope.append((*rope_cos_sin(pos, cfg.text, h.dtype), pos))
+    h_ref, h_obs, h_q = list(h0), list(h0), list(h0)
+    errors = []
+    for i in range(cfg.text.num_hidden_layers):
+        prefix = f"model.language_model.layers.{i}"
+        with pm.loaded(f"layer.{i}", dtype):
+            layer = model.model.language_model.layers[i]
+            ref_out = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_ref, rope)]
+            emu.block_scales = block_scales(f"layer.{i}") if block_scales else {}
+            emu.attach(layer, prefix)
+            emu.mode = "observe"
+            h_obs = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_obs, rope)]
+            emu.mode = "quantize"
+            h_q = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_q, rope)]
+            iso = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_ref, rope)]
+        den = num_iso = num_cum = 0.0
+        for r, a, q in zip(ref_out, iso, h_q):
+            den += float(r.double().norm() ** 2)
+            num_iso += float((a.double() - r.double()).norm() ** 2)
+            num_cum += float((q.double() - r.double()).norm() ** 2)
+        errors.append({"layer": i, "variant": cfg.text.layer_variant(i), "isolated": (num_iso / den) ** 0.5,
+                       "cumulative": (num_cum / den) ** 0.5})
+        h_ref = ref_out
+    emu.block_scales = {}
+    return emu, errors
 
 
 def convert_shards_fp8(*args, **kwargs) -> dict:

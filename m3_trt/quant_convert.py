@@ -135,10 +135,13 @@ _C_LOCK = threading.Lock()
 def _c_kernel():
     """The fused kernel as a ``ctypes.CDLL`` (calls release the GIL), or ``None``.
 
-    Built on first use with ``cc -O3 -march=native`` (~0.2 s) into ``$XDG_CACHE_HOME/m3_trt`` (keyed by
-    the source's hash) and kept only if it equals the torch reference on every bf16 and fp16 bit
-    pattern at several scales (inf, NaN, saturation, subnormals, signed zeros included). ``None``
-    (torch path) without a compiler, on x86 without ``_Float16``, or with ``M3_TRT_NO_CKERNEL=1``.
+    Built once per process on first use with ``cc -O3 -march=native`` (~0.2 s) in a fresh private
+    temporary folder (``mkdtemp``: mode 0700, ours), loaded from there, and the folder removed at
+    once (the mapping stays). Nothing is loaded from a shared or persistent cache: a library planted
+    there would run its constructor at ``dlopen``, before any check. The kernel is kept only if it
+    equals the torch reference on every bf16 and fp16 bit pattern at several scales (inf, NaN,
+    saturation, subnormals, signed zeros included). ``None`` (torch path) without a compiler, on
+    x86 without ``_Float16``, or with ``M3_TRT_NO_CKERNEL=1``.
     """
     with _C_LOCK:
         if not _C_LIB:
@@ -148,7 +151,6 @@ def _c_kernel():
 
 def _build_c_kernel():
     import ctypes
-    import hashlib
     import shutil
     import subprocess
     import tempfile
@@ -156,18 +158,13 @@ def _build_c_kernel():
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
         return None
-    tag = hashlib.sha256((_C_SRC + cc).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "m3_trt"
-    so = cache / f"e4m3_rows_{tag}.so"
     try:
-        if not so.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as d:
-                (Path(d) / "k.c").write_text(_C_SRC)
-                subprocess.run([cc, "-O3", "-march=native", "-fPIC", "-shared", "-o", str(Path(d) / "k.so"),
-                                str(Path(d) / "k.c")], check=True, capture_output=True, timeout=120)
-                os.replace(Path(d) / "k.so", so)
-        lib = ctypes.CDLL(str(so))
+        with tempfile.TemporaryDirectory(prefix="m3_trt-e4m3-") as d:  # mkdtemp: 0700, owned by us
+            src, so = Path(d) / "k.c", Path(d) / "k.so"
+            src.write_text(_C_SRC)
+            subprocess.run([cc, "-O3", "-march=native", "-fPIC", "-shared", "-o", str(so), str(src)],
+                           check=True, capture_output=True, timeout=120)
+            lib = ctypes.CDLL(str(so))
     except (OSError, subprocess.SubprocessError):
         return None
     for fn in (lib.m3_e4m3_rows_bf16, lib.m3_e4m3_rows_f16):

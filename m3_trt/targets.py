@@ -15,16 +15,25 @@ routed experts are further split on their intermediate dimension ``moe_tp = worl
 
 from __future__ import annotations
 
+import math
 import tomllib
+from importlib import resources
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "engines"
+# engines/*.toml ship as package data (m3_trt.engines), so a wheel install has them too.
+TARGETS_DIR = Path(str(resources.files("m3_trt.engines")))
 DTYPES = ("fp32", "bf16", "fp16")
 WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "fp8")
 KV_DTYPES = ("fp32", "bf16", "fp16", "fp8")
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
+# The range every numeric field must lie in (inclusive). Upper bounds are far above any real
+# deployment; they keep the plan's byte counts in range (no overflow, no absurd allocations).
+INT_RANGES = (("tp", 1, 1024), ("ep", 1, 1024), ("gpus", 1, 1024), ("max_batch", 1, 1 << 16),
+              ("max_input_len", 1, 1 << 24), ("max_seq_len", 1, 1 << 24), ("max_num_tokens", 1, 1 << 24),
+              ("max_images", 0, 1 << 12))
+FLOAT_RANGES = (("gpu_memory_gib", 0.0, 1 << 20), ("runtime_reserve_gib", 0.0, 1 << 20))
 
 
 @dataclass(frozen=True)
@@ -57,11 +66,15 @@ class Target:
         need(self.dtype in DTYPES, "dtype", f"choose one of {DTYPES}")
         need(self.weight_dtype in WEIGHT_DTYPES, "weight_dtype", f"choose one of {WEIGHT_DTYPES}")
         need(self.kv_cache_dtype in KV_DTYPES, "kv_cache_dtype", f"choose one of {KV_DTYPES}")
-        for key in ("tp", "ep", "max_batch", "max_input_len", "max_seq_len", "max_num_tokens", "gpus"):
-            need(getattr(self, key) >= 1, key, "must be >= 1")
-        need(self.max_images >= 0, "max_images", "must be >= 0")
+        for key, lo, hi in INT_RANGES:
+            need(lo <= getattr(self, key) <= hi, key, f"must be within {lo}..{hi}")
         need(self.max_input_len <= self.max_seq_len, "max_input_len", f"exceeds max_seq_len={self.max_seq_len}")
+        for key, lo, hi in FLOAT_RANGES:  # NaN fails every comparison, inf the upper bound
+            need(lo <= getattr(self, key) <= hi and math.isfinite(getattr(self, key)), key,
+                 f"must be a finite number within {lo}..{hi} GiB")
         need(self.gpu_memory_gib > 0, "gpu_memory_gib", "must be > 0")
+        need(self.runtime_reserve_gib < self.gpu_memory_gib, "runtime_reserve_gib",
+             f"must be smaller than gpu_memory_gib={self.gpu_memory_gib}")
         need(self.plugins in ("m3", "none"), "plugins", "choose 'm3' or 'none'")
         need(self.backend in ("onnxruntime", "tensorrt"), "backend", "choose 'onnxruntime' or 'tensorrt'")
         need(self.tp in (1, self.world), "tp", f"must be 1 (replicated attention) or the world size {self.world}")

@@ -1,4 +1,8 @@
-"""Small helpers shared by the operator folders: argument checks and the implementation switch."""
+"""Small helpers shared by the operator folders: argument checks.
+
+Implementations are not looked up here: each folder's ``op.py`` holds its ``IMPLS`` table and
+``plugins/registry.py`` lists the operators.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,13 @@ from collections.abc import Iterable
 
 import torch
 
-IMPLS = ("reference", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_IMPL_MODULES = {"reference": "reference", "torch": "torch_impl", "triton": "triton_kernel"}
-
-
-def implementation(package: str, op: str, impl: str):
-    """``<package>.<module>.<op>_<impl>``, imported on first use (Triton kernels must not load early)."""
-    import importlib
-
-    check_impl(impl)
-    return getattr(importlib.import_module(f"{package}.{_IMPL_MODULES[impl]}"), f"{op}_{impl}")
-
-
-def check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+def check_impl(impl: str, impls: Iterable[str]) -> None:
+    impls = tuple(impls)
+    if impl not in impls:
+        raise ValueError(f"impl must be one of {impls}, got {impl!r}")
 
 
 def check_tensor(

@@ -151,8 +151,8 @@ def test_corrupted_component_is_caught_and_named(tiny_ckpt, tmp_path, backend, e
     bad = _edited_copy(tiny_ckpt, tmp_path / "bad", edit)
     prompts = tmp_path / "one.jsonl"  # one 40-token text prompt keeps the run short
     prompts.write_text(json.dumps({"prompt": "Name three animals that live in the sea and say why."}) + "\n")
-    rc, rep, table = _compare(tmp_path, tiny_ckpt, "bad", backend=backend, backend_path=bad, layers=True, tokens=0,
-                              prompts=prompts)
+    rc, rep, table = _compare(tmp_path, tiny_ckpt, "report", backend=backend, backend_path=bad, layers=True,
+                              tokens=0, prompts=prompts)  # the report beside the bad copy: never inside it
     assert rc == 1 and rep["verdict"] == "fail"
     assert rep["first_failure"]["what"] == first
     assert f"first failing: {first}" in table

@@ -110,7 +110,8 @@ def test_negative_control_swapped_experts_detected():
 
 def test_negative_control_off_by_one_local_block_detected():
     """A reference that forced the *previous* block instead of the current one would be caught."""
-    import m3_trt.plugins.indexer_topk.reference as ref_mod
+    from m3_trt.plugins.indexer_topk import reference as ref_mod
+    from m3_trt.plugins.indexer_topk.op import IMPLS  # the op's implementation table
 
     hf, ours = make_pair(CONFIGS["gqa2-blk8-top2"])
     ids = prompt_with([], n_text=45)
@@ -121,11 +122,11 @@ def test_negative_control_off_by_one_local_block_detected():
         return original(q, k, (pos - block_size).clamp(min=0), block_size=block_size, topk=topk,
                         local_blocks=local_blocks)
 
-    ref_mod.indexer_topk_reference = shifted
+    IMPLS["reference"] = shifted
     try:
         out = _logits(ours, False, ids)
     finally:
-        ref_mod.indexer_topk_reference = original
+        IMPLS["reference"] = original
     assert rel_err(out, ref) > 100 * TOLERANCES[("parity_transformers", "fp32")]
 
 

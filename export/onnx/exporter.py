@@ -19,6 +19,7 @@ computation in standard ONNX ops (static shapes; the MoE runs every expert with 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from typing import Callable
 import torch
 
 from m3_trt.model import M3ForConditionalGeneration
+from m3_trt.outputs import ONNX_EXPORT, OutputError, check_output, swap_into_place
+from m3_trt.pieces import PieceModel
 
 from . import components as C
 
@@ -301,8 +304,13 @@ def _io_signature(path: Path) -> dict:
 def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Path, *, dtype: str = "fp32",
                  plugins: str = "m3", max_seq_len: int = 256, max_batch: int = 8, verify: bool = False,
                  components: list[str] | None = None, progress: Callable[[str], None] | None = print,
-                 quant: str = "none", calib: str | Path | None = None, calib_ckpt: str | Path | None = None) -> Path:
-    """Export every component into ``out`` (must not exist; written in a temp folder, then renamed).
+                 quant: str = "none", calib: str | Path | None = None, calib_ckpt: str | Path | None = None,
+                 overwrite: bool = False) -> Path:
+    """Export every component into ``out`` (written in a temp folder beside it, then renamed).
+
+    ``out`` follows :func:`m3_trt.outputs.check_output`: never equal to, inside or containing the
+    checkpoint (or ``calib``); an existing ``out`` is replaced only when it is a previous export
+    (``manifest.json`` of ours) or ``overwrite`` is set.
 
     ``quant="fp8"``: E4M3 weights and calibrated per-tensor activation scales as Q/DQ pairs
     (``fp8.py``); calibration prompts come from ``calib`` (jsonl) or the built-in set, rendered with
@@ -311,12 +319,22 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
     opts = ExportOptions(dtype=dtype, plugins=plugins, max_seq_len=max_seq_len, max_batch=max_batch, verify=verify,
                          quant=quant)
     out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new output folder")
+    inputs = [calib, calib_ckpt] + ([] if isinstance(source, M3ForConditionalGeneration) else
+                                    [source.reader.path if isinstance(source, PieceModel) else source])
+    out = check_output(out, stage=ONNX_EXPORT, inputs=inputs, overwrite=overwrite)
+    if out.exists() and not overwrite and not ONNX_EXPORT.owns(out):
+        # an empty folder: check_output lets it through, but nothing says it is ours to replace
+        raise OutputError(f"export: {out} already exists and is not a previous export (no manifest.json of "
+                          f"ours); choose a new output folder, or pass --overwrite to replace it")
+    load = _whole
     if isinstance(source, M3ForConditionalGeneration):
         model, source_desc = source, "in-memory model"
-    else:
+    elif quant == "fp8":  # calibration runs the whole model
         model, source_desc = M3ForConditionalGeneration.from_pretrained(source), str(source)
+    else:  # stream: one piece of the checkpoint in memory at a time
+        pm = source if isinstance(source, PieceModel) else PieceModel(source)
+        model, source_desc = pm.model, str(pm.reader.path)
+        load = lambda piece: pm.loaded(piece, DTYPES[dtype])  # noqa: E731
     model = model.to(DTYPES[dtype]).eval().set_kernels(PLUGIN_MODES[plugins])
     act_amax = None
     if quant == "fp8":
@@ -334,7 +352,7 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
     try:
-        manifest = _export_into(model, tmp, opts, components, progress)
+        manifest = _export_into(model, tmp, opts, components, progress, load)
         manifest["source"] = source_desc
         if act_amax is not None:
             manifest["quantization"] = {
@@ -344,14 +362,25 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
                 "act_amax": act_amax}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)
-        tmp.rename(out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, progress) -> dict:
+def _whole(piece: str):
+    """The ``load`` of an in-memory model: every piece is already there."""
+    return contextlib.nullcontext()
+
+
+# the checkpoint piece (m3_trt.pieces) each non-decoder component reads
+_COMPONENT_PIECE = {"embedding": "embedding", "head": "head", "vision_encoder": "vision", "projector": "projector"}
+
+
+def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, progress, load=_whole) -> dict:
+    """Export (and verify) component by component; ``load(piece)`` holds that piece's weights in
+    memory while it is exported, written and verified (a decoder layer at a time)."""
     import onnx
     import onnxruntime
 
@@ -361,6 +390,11 @@ def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, 
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "components": [],
     }
+    checker = None
+    if opts.verify:
+        from .verify import Verifier
+
+        checker = Verifier(model, out, opts, progress)
     for spec in component_specs(model, opts):
         if only and spec.name not in only:
             continue
@@ -368,19 +402,25 @@ def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, 
         path = out / f"{spec.name}.onnx"
         first = spec.layers[0] if spec.layers else None
         data_name = f"layer_{first}.data" if spec.layers else f"{spec.name}.data"
-        layout = export_spec(spec, path, model.config, opts.plugins, data_name, opts.quant)
-        entry = {"name": spec.name, "file": path.name, **_io_signature(path), "seconds": None}
+        with load(f"layer.{first}" if spec.layers else _COMPONENT_PIECE[spec.name]):
+            layout = export_spec(spec, path, model.config, opts.plugins, data_name, opts.quant)
+            entry = {"name": spec.name, "file": path.name, **_io_signature(path), "seconds": None}
+            if not spec.layers:
+                entry["data"] = data_name
+                if checker:
+                    checker.check(spec, entry)
         if spec.layers:
-            entry["layers"] = {str(i): _write_layer_data(spec, i, model, out, layout) for i in spec.layers}
-        else:
-            entry["data"] = data_name
+            entry["layers"] = {}
+            for i in spec.layers:
+                with load(f"layer.{i}"):
+                    entry["layers"][str(i)] = _write_layer_data(spec, i, model, out, layout)
+                    if checker:
+                        checker.check(spec, entry, layers=[i])
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         manifest["components"].append(entry)
         if progress:
             progress(f"[export] {spec.name}: {entry['nodes']} nodes"
                      + (f", layers {spec.layers}" if spec.layers else "") + f" ({entry['seconds']}s)")
-    if opts.verify:
-        from .verify import verify_export
-
-        manifest["verify"] = verify_export(model, out, manifest, opts, progress=progress)
+    if checker:
+        manifest["verify"] = checker.summary()
     return manifest

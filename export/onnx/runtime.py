@@ -111,6 +111,37 @@ class OnnxModel:
             caches.append(kv)
         return caches
 
+    def embed(self, input_ids: np.ndarray, image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Token embeddings ``[B, S, D]`` with ``image_embeds`` rows at the image placeholder ids."""
+        h, = self.run("embedding", input_ids=input_ids.astype(np.int64))
+        if image_embeds is not None:
+            mask = input_ids == self.config.image_token_id
+            if int(mask.sum()) != image_embeds.shape[0]:
+                raise ValueError(f"image placeholders: {int(mask.sum())}, image embeddings: {image_embeds.shape[0]}")
+            h = h.copy()
+            h[mask] = image_embeds.astype(h.dtype)
+        return h
+
+    def forward_embeds(self, h: np.ndarray, pos: np.ndarray, caches, hidden: list | None = None) -> np.ndarray:
+        """Hidden states ``h [B, S, D]`` at positions ``pos [B, S]`` (one row each) through every
+        decoder layer; caches updated in place; each layer's output appended to ``hidden``."""
+        self.last_block_idx: dict[int, np.ndarray] = {}
+        for i, sess in sorted(self.layer_sessions.items()):
+            names = [x.name for x in sess.get_inputs()]
+            feeds = dict(zip(names, [h, pos, *caches[i]]))
+            h, *new = sess.run(None, feeds)
+            n_cache = len(caches[i])
+            caches[i][:] = new[:n_cache]
+            if len(new) > n_cache:
+                self.last_block_idx[i] = new[n_cache]
+            if hidden is not None:
+                hidden.append(h)
+        return h
+
+    def head(self, h: np.ndarray) -> np.ndarray:
+        """Final norm + LM head: logits ``[B, S, V]``."""
+        return self.run("head", hidden=h)[0]
+
     def forward(self, input_ids: np.ndarray, caches, start: int, *, image_embeds: np.ndarray | None = None,
                 return_hidden: bool = False):
         """Logits for ``input_ids [B, S]`` at positions ``start..start+S-1``; caches updated in place.
@@ -121,25 +152,10 @@ class OnnxModel:
         B, S = input_ids.shape
         if start + S > self.max_seq_len:
             raise ValueError(f"{start + S} tokens exceed the export's max_seq_len={self.max_seq_len}")
-        h, = self.run("embedding", input_ids=input_ids.astype(np.int64))
-        if image_embeds is not None:
-            mask = input_ids == self.config.image_token_id
-            if int(mask.sum()) != image_embeds.shape[0]:
-                raise ValueError(f"image placeholders: {int(mask.sum())}, image embeddings: {image_embeds.shape[0]}")
-            h = h.copy()
-            h[mask] = image_embeds.astype(h.dtype)
+        h = self.embed(input_ids, image_embeds)
         pos = np.broadcast_to(np.arange(start, start + S, dtype=np.int64), (B, S)).copy()
         hidden = [h]
-        self.last_block_idx: dict[int, np.ndarray] = {}
-        for i, sess in sorted(self.layer_sessions.items()):
-            names = [x.name for x in sess.get_inputs()]
-            feeds = dict(zip(names, [h, pos, *caches[i]]))
-            h, *new = sess.run(None, feeds)
-            n_cache = len(caches[i])
-            caches[i][:] = new[:n_cache]
-            if len(new) > n_cache:
-                self.last_block_idx[i] = new[n_cache]
-            hidden.append(h)
+        h = self.forward_embeds(h, pos, caches, hidden)
         logits, normed = self.run("head", hidden=h)
         hidden.append(normed)
         return (logits, hidden) if return_hidden else logits

@@ -1,12 +1,14 @@
-"""TensorRT IPluginV3 creators for the three M3 custom ops (``m3::indexer_topk``,
-``m3::block_sparse_attention``, ``m3::swiglu_moe``).
+"""TensorRT IPluginV3 creators for the m3 operators, derived from their contracts
+(``plugins/<op>/contract.py``, listed in ``plugins/registry.py``).
 
 Legend: B batch, H indexer heads, Hq query heads, G KV heads, S queries, T key slots,
 D head dim, K selected blocks, Tok tokens, Dm hidden, E experts, F expert intermediate.
 
 TensorRT's ONNX parser looks a plugin up by the node's ``op_type`` plus its ``plugin_version``
 and ``plugin_namespace`` attributes (the ONNX domain is ignored); every other node attribute
-is handed to ``create_plugin`` as a ``PluginField``. The specs below are that contract, as data.
+is handed to ``create_plugin`` as a ``PluginField``. All of it — name, version, namespace, IO
+dtypes, field names and defaults, and the output-shape rule evaluated with ``IExprBuilder``
+(``min`` / ``ceil_div`` of dims) — comes from the contract; nothing is written here per op.
 
 What works where (probe log: docs/tensorrt_rtx.md):
 
@@ -19,114 +21,88 @@ What works where (probe log: docs/tensorrt_rtx.md):
   exception"). ``subprocess_build`` puts a symlink on the child's ``LD_LIBRARY_PATH``.
   ``INetworkDefinition`` in TensorRT-RTX has no ``add_plugin_v3``: the ONNX parser is the
   only way to put a plugin into a network.
-* ``enqueue`` wraps TensorRT's device pointers as torch tensors and calls the op's GPU
-  function on TensorRT's stream. It never runs here (no engine can be deserialized without
-  a GPU); it is unverified until a GPU session runs it.
+* ``enqueue`` wraps TensorRT's device pointers as torch tensors and calls the operator's public
+  function (``impl`` = the spec's ``impl``) on TensorRT's stream. It never runs here (no engine
+  can be deserialized without a GPU); it is unverified until a GPU session runs it.
 
 Nothing here imports TensorRT at module import time; ``make_creator`` takes the module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-NAMESPACE = "m3"
-VERSION = "1"
+from m3_trt.plugins._contract import OpContract, ShapeOps
+from m3_trt.plugins.registry import OPERATORS
+
+# impl that enqueue runs per operator on the GPU; the MoE's Triton kernel has no expert range of
+# its own (the dispatcher adapts it), so the plugin runs the torch path there
+GPU_IMPL = {"indexer_topk": "triton", "block_sparse_attention": "triton", "swiglu_moe": "torch"}
 
 
 @dataclass(frozen=True)
 class PluginSpec:
-    """One custom op: its TensorRT name/version/namespace, IO and attributes.
+    """One operator as TensorRT sees it: a view of its contract plus the GPU ``impl``.
 
     ``inputs`` / ``outputs`` are ``(name, dtype)`` with dtype one of 'float' (same as input 0),
-    'int32', 'int64'. ``attrs`` maps attribute name → ('int' | 'float', default).
-    ``output_shape(in_dims, attrs, const)`` gives each output's dims from the inputs' dims,
-    where a dim is whatever the caller's shape algebra uses (``IDimensionExpr`` in TensorRT,
-    with ``const`` = ``IExprBuilder.constant`` to make one from an int).
+    'int32', 'int64'; ``attrs`` maps attribute name → ('int' | 'float', default or None).
     Float inputs must all share input 0's dtype (fp32, fp16 or bf16).
     """
 
-    name: str
-    inputs: tuple[tuple[str, str], ...]
-    outputs: tuple[tuple[str, str], ...]
-    attrs: dict[str, tuple[str, Any]] = field(default_factory=dict)
-    output_shape: Callable[[list, dict, Callable[[int], Any]], list] | None = None
-    kernel: str = ""  # 'module:function' run by enqueue on a GPU
-    version: str = VERSION
-    namespace: str = NAMESPACE
+    contract: OpContract
+    impl: str = "torch"
+
+    @property
+    def name(self) -> str:
+        return self.contract.onnx_op_type
+
+    @property
+    def version(self) -> str:
+        return self.contract.plugin_version
+
+    @property
+    def namespace(self) -> str:
+        return self.contract.plugin_namespace
+
+    @property
+    def inputs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((t.name, t.dtype) for t in self.contract.inputs)
+
+    @property
+    def outputs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((t.name, t.dtype) for t in self.contract.outputs)
+
+    @property
+    def attrs(self) -> dict[str, tuple[str, Any]]:
+        return {a.name: (a.kind, a.default) for a in self.contract.attrs}
+
+    def output_shape(self, dims: list, attrs: dict, ops: ShapeOps) -> list:
+        return self.contract.output_shapes(dims, attrs, ops)
 
 
-def _indexer_shape(dims, attrs, const):
-    q, _k, _pos = dims  # q_BHSD, k_BTD, q_pos_BS
-    return [[q[0], q[1], q[2], const(int(attrs["topk"]))]]
+SPECS: dict[str, PluginSpec] = {name: PluginSpec(op.contract, GPU_IMPL.get(name, "torch"))
+                                for name, op in OPERATORS.items()}
 
 
-def _same_as_first(dims, attrs, const):
-    return [list(dims[0])]
-
-
-# The TensorRT plugin name is the ONNX node's op_type (plugins/onnx_ops.py is the one source).
-from m3_trt.plugins.onnx_ops import OPS as ONNX_OP_TYPES  # noqa: E402
-
-SPECS: dict[str, PluginSpec] = {
-    "indexer_topk": PluginSpec(
-        name=ONNX_OP_TYPES["indexer_topk"],
-        inputs=(("q_BHSD", "float"), ("k_BTD", "float"), ("q_pos_BS", "int64")),
-        outputs=(("block_idx_BHSK", "int32"),),
-        attrs={"block_size": ("int", 128), "topk": ("int", 16), "local_blocks": ("int", 1)},
-        output_shape=_indexer_shape,
-        kernel="m3_trt.plugins.indexer_topk.triton_kernel:indexer_topk_triton",
-    ),
-    "block_sparse_attention": PluginSpec(
-        name=ONNX_OP_TYPES["block_sparse_attention"],
-        inputs=(
-            ("q_BHSD", "float"),
-            ("k_BGTD", "float"),
-            ("v_BGTD", "float"),
-            ("block_idx_BGSK", "int32"),
-            ("q_pos_BS", "int64"),
-        ),
-        outputs=(("out_BHSD", "float"),),
-        attrs={"block_size": ("int", 128), "scale": ("float", 1.0)},
-        output_shape=_same_as_first,
-        kernel="m3_trt.plugins.block_sparse_attention.triton_kernel:block_sparse_attention_triton",
-    ),
-    "swiglu_moe": PluginSpec(
-        name=ONNX_OP_TYPES["swiglu_moe"],
-        inputs=(
-            ("x_TD", "float"),
-            ("router_w_ED", "float"),
-            ("e_bias_E", "float"),
-            ("w13_EFD", "float"),
-            ("w2_EDF", "float"),
-            ("w13s_FD", "float"),
-            ("w2s_DF", "float"),
-        ),
-        outputs=(("y_TD", "float"),),
-        attrs={
-            "top_k": ("int", 4),
-            "routed_scaling": ("float", 2.0),
-            "alpha": ("float", 1.702),
-            "limit": ("float", 7.0),
-        },
-        output_shape=_same_as_first,
-        kernel="m3_trt.plugins.swiglu_moe.torch_impl:swiglu_moe_torch",
-    ),
-}
+def trt_shape_ops(trt, expr_builder) -> ShapeOps:
+    """The contract's shape algebra over TensorRT ``IDimensionExpr`` s."""
+    op = trt.DimensionOperation
+    return ShapeOps(const=expr_builder.constant,
+                    min=lambda a, b: expr_builder.operation(op.MIN, a, b),
+                    ceil_div=lambda a, b: expr_builder.operation(op.CEIL_DIV, a, b))
 
 
 def _read_fields(spec: PluginSpec, fc) -> dict[str, Any]:
-    """Attributes from a PluginFieldCollection (missing ones take the spec default)."""
-    attrs = {k: default for k, (_kind, default) in spec.attrs.items()}
+    """Attributes from a PluginFieldCollection: missing ones take the contract default, a missing
+    required one raises ``ValueError`` naming it."""
+    given = {}
     for f in fc or ():
-        if f.name in attrs:
-            value = np.asarray(f.data).reshape(-1)
-            kind = spec.attrs[f.name][0]
-            attrs[f.name] = int(value[0]) if kind == "int" else float(value[0])
-    return attrs
+        if f.name in spec.attrs:
+            given[f.name] = np.asarray(f.data).reshape(-1)[0].item()
+    return spec.contract.resolve_attrs(given, where=f"TensorRT plugin {spec.name}")
 
 
 _TORCH_DTYPES = {"FLOAT": ("<f4", None), "HALF": ("<f2", None), "BF16": ("<i2", "bfloat16"),
@@ -149,27 +125,22 @@ def _as_torch(ptr: int, desc):
 
 
 def _enqueue_kernel(spec: "PluginSpec", attrs: dict, input_desc, output_desc, inputs, outputs, stream) -> None:
-    """Run the op's GPU function on TensorRT's ``stream`` and copy the result into TensorRT's output.
+    """Run the operator on TensorRT's ``stream`` and copy the result into TensorRT's output.
 
     NOT exercised on these CPU machines (TensorRT-RTX cannot deserialize an engine without a
     GPU, so no engine ever runs here); it is the GPU path for a lent device.
     """
-    import importlib
-
     import torch
 
-    mod, _, fn = spec.kernel.partition(":")
-    func = getattr(importlib.import_module(mod), fn)
+    fn = OPERATORS[spec.contract.name].fn
     args = [_as_torch(p, d) for p, d in zip(inputs, input_desc)]
     outs = [_as_torch(p, d) for p, d in zip(outputs, output_desc)]
     with torch.cuda.stream(torch.cuda.ExternalStream(int(stream))):
-        result = func(*args, **attrs)
-        if result.shape != outs[0].shape:
-            # the indexer returns min(topk, n_blocks) columns; the plugin's output is topk wide, -1 padded
-            outs[0].fill_(-1)
-            outs[0][..., : result.shape[-1]].copy_(result)
-        else:
-            outs[0].copy_(result)
+        result = fn(*args, **attrs, impl=spec.impl)
+        if result.shape != outs[0].shape:  # both follow the contract's rule: a mismatch is a bug
+            raise RuntimeError(f"{spec.name}: result shape {tuple(result.shape)} != TensorRT output "
+                               f"{tuple(outs[0].shape)}")
+        outs[0].copy_(result)
 
 
 def make_plugin_class(trt):
@@ -202,7 +173,7 @@ def make_plugin_class(trt):
 
         def get_output_shapes(self, inputs, shape_inputs, expr_builder):
             dims = [[d for d in x] for x in inputs]
-            shapes = self.spec.output_shape(dims, self.attrs, expr_builder.constant)
+            shapes = self.spec.output_shape(dims, self.attrs, trt_shape_ops(trt, expr_builder))
             out = []
             for s in shapes:
                 e = trt.DimsExprs(len(s))
@@ -215,7 +186,8 @@ def make_plugin_class(trt):
             desc = in_out[pos].desc
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
-            io = self.spec.inputs + self.spec.outputs
+            # an absent optional input (the MoE's shared expert) shifts the outputs' positions
+            io = self.spec.inputs[:num_inputs] + self.spec.outputs
             kind = io[pos][1]
             if kind == "int32":
                 return desc.type == trt.int32
@@ -255,12 +227,15 @@ def make_plugin_class(trt):
 
 
 def _fields(trt, spec: PluginSpec, attrs: dict):
+    """One field per attribute; a required attribute without a value (the creator's advertised
+    ``field_names``) gets an empty array: there is no default to show."""
     out = []
     for k, (kind, _d) in spec.attrs.items():
+        value = [] if attrs.get(k) is None else [attrs[k]]
         if kind == "int":
-            out.append(trt.PluginField(k, np.array([attrs[k]], np.int32), trt.PluginFieldType.INT32))
+            out.append(trt.PluginField(k, np.array(value, np.int32), trt.PluginFieldType.INT32))
         else:
-            out.append(trt.PluginField(k, np.array([attrs[k]], np.float32), trt.PluginFieldType.FLOAT32))
+            out.append(trt.PluginField(k, np.array(value, np.float32), trt.PluginFieldType.FLOAT32))
     return out
 
 
@@ -284,7 +259,7 @@ def make_creator(trt, spec: PluginSpec):
 
 
 def m3_creators(trt, names=None) -> list:
-    """Creators for the named specs (all three by default)."""
+    """Creators for the named specs (every registered operator by default)."""
     return [make_creator(trt, SPECS[n]) for n in (names or SPECS)]
 
 

@@ -28,7 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ._trt import import_trt
 from .builder import BuildReport, build_engine_from_onnx
+from .plugins import SPECS, m3_creators
 
 RTX_LIB = "libtensorrt_rtx.so"
 
@@ -68,14 +70,14 @@ def _child_env(soname_shim: bool) -> dict[str, str]:
 
 
 def _resolve_plugins(names: Sequence[str], trt) -> list:
-    """'m3' → our three creators; 'm3:indexer_topk' → one; 'pkg.mod:func' → func(trt)."""
-    from .plugins import SPECS, m3_creators
-
+    """'m3' → every m3 creator; 'm3:indexer_topk' → one; 'pkg.mod:func' → func(trt)."""
     creators = []
     for name in names:
         if name == "m3":
             creators += m3_creators(trt)
-        elif name.startswith("m3:") and name[3:] in SPECS:
+        elif name.startswith("m3:"):
+            if name[3:] not in SPECS:
+                raise ValueError(f"plugin set {name!r}: no m3 operator {name[3:]!r} (have {sorted(SPECS)})")
             creators += m3_creators(trt, [name[3:]])
         else:
             mod, _, func = name.partition(":")
@@ -136,12 +138,10 @@ def build_in_subprocess(
 
 def _child_main(spec_file: str, report_file: str) -> int:
     spec = json.loads(Path(spec_file).read_text())
-    from ._trt import import_trt
-
     trt = import_trt()
-    creators = _resolve_plugins(spec["plugins"], trt)
     profiles = spec["profiles"]
     try:
+        creators = _resolve_plugins(spec["plugins"], trt)
         report = build_engine_from_onnx(
             spec["onnx_path"],
             spec["engine_path"],

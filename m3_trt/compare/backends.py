@@ -11,11 +11,12 @@ A backend loads once, then for each prepared prompt (``inputs.Sample``) returns
   backends (a live server).
 
 Registered names: ``torch`` (the reference itself, also bf16 / FP8-emulated / other kernels),
-``transformers`` (Hugging Face, the reference's own proof), and ``onnxruntime``, ``tensorrt``,
-``sharded``, ``triton`` whose runtimes live in other parts of the product and import lazily.
+``transformers`` (Hugging Face, the reference's own proof), and ``onnxruntime``, ``sharded``,
+``triton`` whose runtimes live in other parts of the product and import lazily. There is no
+``tensorrt`` backend: TensorRT engines cannot execute on any machine this project runs on (no
+TensorRT for Hopper/Blackwell here, none on the lent GPU), so it is not offered.
 
-Adapter contract for a runtime module (``m3_trt.export.runtime``, ``m3_trt.export.tensorrt.runtime``,
-``m3_trt.runtime``): a function ``load_for_compare(path, *, dtype: str)`` returning an object with
+Adapter contract for a runtime module (``m3_trt.export.runtime``, ``m3_trt.runtime``): a function ``load_for_compare(path, *, dtype: str)`` returning an object with
 ``components(input_ids, *, pixel_values, image_grid_thw, layers: bool) -> dict[str, Tensor]`` (the
 names above) and ``greedy(input_ids, n, *, pixel_values, image_grid_thw, eos_token_id) -> list[int]``.
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from m3_trt.checkpoint import CheckpointError, read_weight_map
 
 from .inputs import Sample
 
@@ -140,9 +143,19 @@ class TransformersBackend:
     text_only = False
 
     def __init__(self, path: Path, dtype: str = "fp32"):
+        path = Path(path)
+        # transformers would fall back to pytorch_model.bin (a pickle); we never let it unpickle
+        if not any((path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+            raise CheckpointError(
+                f"backend 'transformers': {path} has no model.safetensors or model.safetensors.index.json"
+                + (f" (only {', '.join(pickles[:3])}: pickle files are never loaded)" if pickles else ""))
+        if (path / "model.safetensors.index.json").is_file():  # transformers would follow '../' shard names
+            read_weight_map(path / "model.safetensors.index.json")
         from transformers import MiniMaxM3SparseForConditionalGeneration
 
-        self.model = MiniMaxM3SparseForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).eval()
+        self.model = MiniMaxM3SparseForConditionalGeneration.from_pretrained(
+            path, dtype=DTYPES[dtype], use_safetensors=True).eval()
         self.dtype = dtype
 
     def _vision(self, sample: Sample) -> dict:
@@ -230,11 +243,6 @@ class OnnxRuntimeBackend(AdapterBackend):
     needs = "the ONNX Runtime runner of the exported components; --backend-path is the `m3-trt export` folder"
 
 
-class TensorRTBackend(AdapterBackend):
-    name, module = "tensorrt", "m3_trt.export.tensorrt.runtime"
-    needs = "the TensorRT engine runner (and a GPU); --backend-path is the `m3-trt build-engine` folder"
-
-
 class ShardedBackend(AdapterBackend):
     name, module = "sharded", "m3_trt.runtime"
     needs = "the multi-rank runtime; --backend-path is the sharded build folder"
@@ -264,7 +272,7 @@ class TritonBackend:
 
 
 BACKENDS = {"torch": TorchBackend, "transformers": TransformersBackend, "onnxruntime": OnnxRuntimeBackend,
-            "tensorrt": TensorRTBackend, "sharded": ShardedBackend, "triton": TritonBackend}
+            "sharded": ShardedBackend, "triton": TritonBackend}
 
 
 def make_backend(name: str, *, ckpt: Path, path: Path | None = None, dtype: str = "fp32", fp8: bool = False,
@@ -275,7 +283,7 @@ def make_backend(name: str, *, ckpt: Path, path: Path | None = None, dtype: str 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
     if fp8 and name != "torch":
-        raise ValueError("--fp8-emulate applies to the torch backend (a real FP8 engine is --backend tensorrt)")
+        raise ValueError("--fp8-emulate applies to the torch backend")
     if kernels != "reference" and name != "torch":
         raise ValueError("--kernels applies to the torch backend")
     path = Path(path) if path is not None else Path(ckpt)

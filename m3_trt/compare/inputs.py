@@ -3,6 +3,11 @@ processor and chat template (one user turn: images first, then the text — as t
 
 Built-in set: two text-only prompts, one with the demo picture (112×84), one with two pictures of
 different sizes (the demo picture and a 140×56 one), so the vision tower sees more than one grid.
+
+Token-id prompts: a JSONL record may give ``{"input_ids": [int, ...]}`` instead of text; it is
+used as is (no template). A checkpoint without ``tokenizer.json`` can only be compared on such
+prompts; without a prompts file the built-in set is then :func:`builtin_token_prompts` (seeded
+random ids, text only), and the command says so.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from m3_trt.processing import M3Processor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
 
@@ -48,6 +55,22 @@ def builtin_prompts() -> list[dict]:
     ]
 
 
+TOKEN_PROMPT_LENGTHS = (32, 96)  # a short prompt and one spanning several indexer blocks
+TOKEN_PROMPT_SEED = 0
+
+
+def builtin_token_prompts(vocab_size: int, avoid: tuple[int, ...] = ()) -> list[dict]:
+    """Seeded random token ids below ``vocab_size``, none of ``avoid`` (image/video placeholders)."""
+    g = torch.Generator().manual_seed(TOKEN_PROMPT_SEED)
+    allowed = torch.tensor(sorted(set(range(vocab_size)) - set(avoid)), dtype=torch.long)
+    out = []
+    for n in TOKEN_PROMPT_LENGTHS:
+        ids = allowed[torch.randint(0, len(allowed), (n,), generator=g)].tolist()
+        out.append({"name": f"token-ids-{n}", "prompt": f"<{n} random token ids, seed {TOKEN_PROMPT_SEED}>",
+                    "input_ids": ids, "images": []})
+    return out
+
+
 def load_prompts(prompts_file: Path | None = None, images_dir: Path | None = None) -> list[dict]:
     """``{"name", "prompt", "images": [(name, bytes)]}`` records.
 
@@ -74,8 +97,20 @@ def load_prompts(prompts_file: Path | None = None, images_dir: Path | None = Non
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{prompts_file}:{n}: not JSON: {e}") from None
+        if isinstance(rec, dict) and "input_ids" in rec:
+            ids = rec["input_ids"]
+            if (not isinstance(ids, list) or not ids
+                    or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)):
+                raise ValueError(f"{prompts_file}:{n}: 'input_ids' must be a non-empty list of token ids "
+                                 f"(integers >= 0)")
+            if rec.get("images"):
+                raise ValueError(f"{prompts_file}:{n}: token-id prompts are text only (no 'images')")
+            out.append({"name": rec.get("name") or f"line{n}", "prompt": f"<{len(ids)} token ids>",
+                        "input_ids": ids, "images": []})
+            continue
         if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise ValueError(f'{prompts_file}:{n}: expected {{"prompt": str, "images": [paths]}}')
+            raise ValueError(f'{prompts_file}:{n}: expected {{"prompt": str, "images": [paths]}} or '
+                             f'{{"input_ids": [int, ...]}}')
         images = []
         for p in rec.get("images") or []:
             path = base / p
@@ -88,10 +123,44 @@ def load_prompts(prompts_file: Path | None = None, images_dir: Path | None = Non
     return out
 
 
-def prepare(records: list[dict], processor) -> list[Sample]:
-    """Chat template + tokens + pixels for each record."""
+def prompt_samples(ckpt: Path, cfg, prompts: Path | None = None, images: Path | None = None,
+                   progress=print) -> tuple[list[Sample], M3Processor | None]:
+    """``(samples, processor)`` for ``ckpt``: through its tokenizer, or — without ``tokenizer.json`` —
+    token-id prompts (``--prompts`` records of ``input_ids``, else :func:`builtin_token_prompts`),
+    announced through ``progress``; the processor is then None."""
+    ckpt = Path(ckpt)
+    if (ckpt / "tokenizer.json").is_file():
+        proc = M3Processor.from_pretrained(ckpt)
+        return prepare(load_prompts(prompts, images), proc, cfg.text.vocab_size), proc
+    if images is not None:
+        raise ValueError(f"--images: {ckpt} has no tokenizer.json, so image prompts cannot be built; "
+                         f"compare on token ids (text only) instead")
+    records = (load_prompts(prompts) if prompts is not None
+               else builtin_token_prompts(cfg.text.vocab_size, (cfg.image_token_id, cfg.video_token_id)))
+    progress(f"no tokenizer.json in {ckpt}: comparing on token-id prompts "
+             f"({'from ' + str(prompts) if prompts else 'built-in: seeded random ids, text only'}); "
+             f"greedy outputs are reported as token ids")
+    return prepare(records, None, cfg.text.vocab_size), None
+
+
+def prepare(records: list[dict], processor, vocab_size: int | None = None) -> list[Sample]:
+    """Chat template + tokens + pixels for each record; token-id records as they are.
+
+    ``processor`` is None for a checkpoint without a tokenizer: then every record must be token ids.
+    """
     samples = []
     for rec in records:
+        if "input_ids" in rec:
+            bad = [i for i in rec["input_ids"] if vocab_size is not None and i >= vocab_size]
+            if bad:
+                raise ValueError(f"prompt {rec['name']}: token id {bad[0]} is outside the vocabulary "
+                                 f"(vocab_size={vocab_size})")
+            samples.append(Sample(name=rec["name"], prompt=rec["prompt"],
+                                  input_ids=torch.tensor([rec["input_ids"]], dtype=torch.long)))
+            continue
+        if processor is None:
+            raise ValueError(f"prompt {rec['name']}: the checkpoint has no tokenizer.json, so text prompts cannot "
+                             f'be tokenized; give token ids instead: a --prompts JSONL of {{"input_ids": [...]}}')
         pics = [processor.decode_image(data) for _, data in rec["images"]]
         content = [{"type": "image"} for _ in pics] + [{"type": "text", "text": rec["prompt"]}]
         text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)

@@ -25,6 +25,8 @@ def format_table(rep: dict) -> str:
              f"on {len(rep['prompts'])} prompts, {rep['checkpoint']}",
              f"tolerances applied: ({rep['tolerance_key'][0]}, {rep['tolerance_key'][1]}) — {tol['why']}",
              "  " + ", ".join(f"{k}={v}" for k, v in tol.items() if k != "why" and v not in (None, {}, False))]
+    if rep.get("prompt_source", "").startswith("token ids"):
+        lines.append(f"prompts: {rep['prompt_source']}; greedy outputs shown as token ids")
     if rep["components"]:
         lines += ["", f"{'component':16s} {'metric':10s} {'worst':>10s} {'max-abs':>10s} {'cos-min':>10s} "
                       f"{'tolerance':>10s}  {'':4s} worst prompt"]

@@ -14,7 +14,7 @@ from typing import Callable
 
 from . import metrics as M
 from .backends import component_order, make_backend
-from .inputs import load_prompts, prepare
+from .inputs import prompt_samples
 from .tolerances import Tolerance, tolerance_for
 
 
@@ -60,15 +60,19 @@ def run_compare(ckpt: Path, *, backend: str, against: str = "reference", dtype: 
                 progress: Callable[[str], None] = print) -> dict:
     """Compare ``backend`` with the reference on the prompt set; the report dict."""
     from m3_trt.config import M3Config
-    from m3_trt.processing import M3Processor
 
     t0 = time.perf_counter()
     ckpt = Path(ckpt)
     if tokens < 0:
         raise ValueError(f"--tokens must be >= 0, got {tokens}")
     cfg = M3Config.from_pretrained(ckpt)
-    proc = M3Processor.from_pretrained(ckpt)
-    samples = prepare(load_prompts(prompts, images), proc)
+    samples, proc = prompt_samples(ckpt, cfg, prompts, images, progress)
+    if proc is None:  # no tokenizer: token-id prompts (the model needs nothing else)
+        if backend == "triton":
+            raise ValueError(f"backend 'triton' sends text and needs the tokenizer; {ckpt} has no tokenizer.json")
+        if fp8:
+            raise ValueError(f"--fp8-emulate calibrates on text prompts through the tokenizer; {ckpt} has no "
+                             f"tokenizer.json")
     eos = tuple(cfg.text.eos_token_id if isinstance(cfg.text.eos_token_id, (list, tuple))
                 else [cfg.text.eos_token_id] if cfg.text.eos_token_id is not None else [])
 
@@ -105,9 +109,10 @@ def run_compare(ckpt: Path, *, backend: str, against: str = "reference", dtype: 
                 g = M.greedy_match(proc.decode(ref_ids), got)
             else:
                 g = M.greedy_match(ref_ids, got)
-                g["ref_text"], g["out_text"] = proc.decode(ref_ids), proc.decode(got)
-                g["ref_continuation_text"] = proc.decode(ref_ids[g["exact_match"]:])
-                g["out_continuation_text"] = proc.decode(got[g["exact_match"]:])
+                if proc is not None:
+                    g["ref_text"], g["out_text"] = proc.decode(ref_ids), proc.decode(got)
+                    g["ref_continuation_text"] = proc.decode(ref_ids[g["exact_match"]:])
+                    g["out_continuation_text"] = proc.decode(got[g["exact_match"]:])
             g["prompt"] = s.name
             g["ok"] = (not tol.greedy_exact) or g["first_divergence"] is None
             greedy_rows.append(g)
@@ -137,6 +142,8 @@ def run_compare(ckpt: Path, *, backend: str, against: str = "reference", dtype: 
         "tool": "m3-trt compare", "checkpoint": str(ckpt), "backend": backend, "dtype": out_b.dtype,
         "against": against, "kernels": kernels, "backend_path": str(backend_path) if backend_path else None,
         "url": url, "layers": layers, "tokens": tokens,
+        "prompt_source": ("token ids (the checkpoint has no tokenizer.json)" if proc is None
+                          else "text through the checkpoint's tokenizer and chat template"),
         "tolerance_key": [backend, out_b.dtype], "tolerances": tol.as_dict(),
         "versions": tool_versions(), "prompts": prompt_rows,
         "components": components, "end_to_end": e2e, "greedy": greedy_rows,

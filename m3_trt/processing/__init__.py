@@ -27,6 +27,7 @@ D = C·tp·p·p values, grid_thw (t, h, w) in patches.
 from .processor import (
     DEFAULT_MAX_INPUT_PIXELS,
     IMAGE_TOKEN,
+    PLAIN_TEXT,
     VIDEO_TOKEN,
     VISION_END_TOKEN,
     VISION_START_TOKEN,
@@ -48,7 +49,7 @@ from .vision import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_INPUT_PIXELS", "IMAGE_TOKEN", "VIDEO_TOKEN", "VISION_END_TOKEN", "VISION_START_TOKEN",
+    "DEFAULT_MAX_INPUT_PIXELS", "IMAGE_TOKEN", "PLAIN_TEXT", "VIDEO_TOKEN", "VISION_END_TOKEN", "VISION_START_TOKEN",
     "ImageDecodeError", "ImageTooLargeError", "IncrementalDecoder", "M3Processor", "VisionPreprocessConfig",
     "image_to_uint8_chw", "patchify", "preprocess_images", "preprocess_videos", "rescale_normalize",
     "resize_bicubic", "smart_resize", "video_to_uint8_tchw",

@@ -21,6 +21,9 @@ IMAGE_TOKEN = "]<]image[>["
 VIDEO_TOKEN = "]<]video[>["
 VISION_START_TOKEN = "]<]start of image[>["
 VISION_END_TOKEN = "]<]end of image[>["
+# Stands for user text in a rendered chat template (`__call__(plain_text=...)`): a private-use
+# character pair around a name, which no template writes.
+PLAIN_TEXT = "\ue000m3-plain-text\ue000"
 # Guard for servers: images above this many pixels are refused before any decoding or resizing.
 DEFAULT_MAX_INPUT_PIXELS = 64 * 1024 * 1024
 
@@ -71,6 +74,7 @@ class M3Processor:
         self.special_tokens = special_tokens  # bos_token / eos_token / pad_token strings
         self.max_input_pixels = max_input_pixels
         self._template = None
+        self._plain_tokenizer = None
         ids = {}
         for name, tok in (("image", IMAGE_TOKEN), ("video", VIDEO_TOKEN), ("vision_start", VISION_START_TOKEN),
                           ("vision_end", VISION_END_TOKEN)):
@@ -133,8 +137,19 @@ class M3Processor:
         return self._template.render(messages=_plain(messages), add_generation_prompt=add_generation_prompt,
                                      **self.special_tokens, **_plain(kwargs))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """``text`` as ordinary text: special-token strings in it (role markers, image markers)
+        are split into ordinary tokens, never matched as special tokens; nothing is added."""
+        if self._plain_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(self.tokenizer.to_str())
+            tok.encode_special_tokens = True
+            self._plain_tokenizer = tok
+        return self._plain_tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):
@@ -207,8 +222,12 @@ class M3Processor:
         return "".join(out)
 
     def __call__(self, text: str, images: Sequence[Any] | None = None, videos: Sequence[Any] | None = None,
-                 video_fps: float | Sequence[float | None] | None = None, resize_videos: bool = False) -> dict:
+                 video_fps: float | Sequence[float | None] | None = None, resize_videos: bool = False,
+                 plain_text: Sequence[str] = ()) -> dict:
         """Expand the vision markers in `text`, tokenize, and preprocess pixels.
+
+        `plain_text`: one string per `PLAIN_TEXT` sentinel in `text` (user text put in a rendered
+        chat template), tokenized with `encode_plain` — never scanned for markers or special tokens.
 
         Returns input_ids / attention_mask int64 [1, S]; with images pixel_values float32 [N, D] and
         image_grid_thw int64 [n_images, 3]; with videos pixel_values_videos and video_grid_thw
@@ -251,7 +270,12 @@ class M3Processor:
                 pieces += [text[pos:j], next(next_video)]
                 pos = j + len(VIDEO_TOKEN)
         pieces.append(text[pos:])
-        ids = self.encode("".join(pieces))
+        parts = "".join(pieces).split(PLAIN_TEXT)
+        if len(parts) != len(plain_text) + 1:
+            raise ValueError(f"text has {len(parts) - 1} plain-text slots but {len(plain_text)} plain texts were passed")
+        ids = self.encode(parts[0])
+        for plain, part in zip(plain_text, parts[1:]):
+            ids += self.encode_plain(plain) + self.encode(part, add_special_tokens=False)
         out["input_ids"] = torch.tensor([ids], dtype=torch.long)
         out["attention_mask"] = torch.ones_like(out["input_ids"])
         return out

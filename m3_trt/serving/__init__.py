@@ -2,5 +2,6 @@
 
 Modules: ``repository`` (write_repository), ``server`` (TritonServer, serve), ``client``
 (M3Client), ``pipeline`` (the steps as library code), ``triton_glue`` (python-backend helpers),
-``cli`` (command functions). Nothing is imported here, so importing the package is free.
+``cli`` (command functions), ``openai_server`` (the OpenAI-compatible endpoint), ``tensorrt_repo``
+(the GPU layout), ``pbtxt`` (escaped config templates). Nothing is imported here, so importing the package is free.
 """

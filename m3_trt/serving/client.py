@@ -13,6 +13,9 @@ text_input            BYTES   [1, 1]                      user prompt (UTF-8); c
 max_tokens            INT32   [1, 1]                      new tokens to generate, > 0
 image_bytes_input     UINT8   [1, n_images, max_len]      encoded images (PNG/JPEG/...), each row
                                                           zero-padded to the longest (optional)
+image_bytes_lengths   INT32   [1, n_images]               each image's length in bytes (sent when
+                                                          an image ends in a zero byte; not a
+                                                          TensorRT-LLM name)
 stream                BOOL    [1, 1]                      one response per token (optional)
 temperature           FP32    [1, 1]                      0 = greedy (optional)
 top_k / top_p         INT32 / FP32                        sampling filters (optional)
@@ -21,8 +24,10 @@ end_id / pad_id       INT32   [1, 1]                      override EOS / pad ids
 text_output           BYTES   [1, 1]                      text piece (stream) or whole answer
 ====================  ======  ==========================  ==========================================
 
-Image rows are zero-padded: PNG ends with the IEND chunk's CRC and JPEG with ``FF D9``, so
-trailing zeros are never part of a real file and the server strips them. (The TensorRT-LLM
+Image rows are zero-padded. When an image ends in a zero byte (BMP, TIFF, PPM, some WebP) the
+client also sends ``image_bytes_lengths`` and the server cuts each row at its length; otherwise
+the server strips the trailing zeros, which is exact for such files (PNG, JPEG, GIF never end in
+zero), and repositories without that input (TensorRT-LLM-style) keep working. (The TensorRT-LLM
 template's ``image_bytes_input`` is 4-D decoded pixels; encoded bytes keep requests small and
 let the server own decoding and the pixel budget.)
 
@@ -85,6 +90,8 @@ def build_inputs(
     ]
     if images:
         inputs.append(tensor("image_bytes_input", pack_images(images), "UINT8"))
+        if any(bytes(b).endswith(b"\0") for b in images):  # stripping the padding would cut these
+            inputs.append(tensor("image_bytes_lengths", np.array([[len(b) for b in images]], np.int32), "INT32"))
     if top_k is not None:
         inputs.append(tensor("top_k", np.array([[top_k]], dtype=np.int32), "INT32"))
     if top_p is not None:

@@ -15,7 +15,11 @@ Steps (one class or function each, no Triton types here, so they run and test in
 - :func:`load_steps` — the vision encoder and token generator a repository's ``parameters``
   name (``backend``, ``checkpoint``, ``export_dir``).
 - :func:`text_delta` — stateless incremental detokenisation (the postprocessing step sees one
-  response at a time, so it cannot keep a decoder's state).
+  response at a time, so it cannot keep a decoder's state); :class:`TokenWindow` — the bounded
+  ids the ``llm`` step sends per response (new ids + a short context), so streamed bytes and
+  detokenisation are linear in the answer; :class:`Detokenizer` — the same with state (m3_bls).
+- :class:`RequestLimits` — caps on request bytes, image bytes and image count;
+  :func:`encode_chat` — the chat template with the user's text tokenized without special tokens.
 - :func:`generate_in_process` — the four steps chained in one process: the reference the
   served answers are compared with, and the "without the server" side of the benchmark.
 
@@ -25,6 +29,7 @@ Legend: S prompt tokens, N patches, D = C·tp·p·p patch values, n images, Dt t
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,9 +37,11 @@ import numpy as np
 
 __all__ = [
     "RequestError", "SamplingParams", "Preprocessor", "VisionEncoder", "TokenGenerator", "OnnxTokenGenerator",
-    "load_steps", "split_image_rows", "text_delta", "build_prompt", "generate_in_process",
+    "load_steps", "split_image_rows", "text_delta", "build_prompt", "encode_chat", "generate_in_process",
+    "RequestLimits", "TokenWindow", "Detokenizer", "DETOK_CONTEXT", "eos_ids", "check_placeholders",
 ]
 
+NO_END_ID = -1  # end_id that ends nothing (TensorRT-LLM's benchmarking convention)
 REPLACEMENT = "\ufffd"  # what a UTF-8 character split across tokens decodes to, for now
 
 
@@ -51,25 +58,36 @@ class SamplingParams:
     top_k: int = 0  # top_k; 0 = off
     top_p: float = 1.0  # top_p; 1 = off
     seed: int | None = None  # seed
-    end_id: int | None = None  # end_id; None = the checkpoint's EOS ids
+    end_id: int | None = None  # end_id; None = the checkpoint's EOS ids; -1 = none (always max_tokens)
+    pad_id: int | None = None  # pad_id; checked, unused (answers are never padded)
 
-    def validate(self) -> "SamplingParams":
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Self, or a :class:`RequestError` naming the bad field; ids are checked against
+        ``vocab_size`` when given."""
         if self.max_tokens <= 0:
             raise RequestError(f"max_tokens must be > 0, got {self.max_tokens}")
-        if not self.temperature >= 0:
-            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise RequestError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("end_id", "pad_id"):
+            value = getattr(self, name)
+            if name == "end_id" and value == NO_END_ID:
+                continue
+            if value is not None and (value < 0 or (vocab_size is not None and value >= vocab_size)):
+                raise RequestError(f"{name}={value} is outside the vocabulary [0, {vocab_size if vocab_size else 'V'})")
         return self
 
 
-def split_image_rows(rows_nL: np.ndarray) -> list[bytes]:
-    """UINT8 ``[n, L]`` zero-padded rows → the encoded files (trailing zeros removed).
+def split_image_rows(rows_nL: np.ndarray, lengths_n: np.ndarray | None = None) -> list[bytes]:
+    """UINT8 ``[n, L]`` zero-padded rows (+ each file's length ``[n]``) → the encoded files.
 
-    Real PNG/JPEG/WebP/GIF files never end in a zero byte (CRC, ``FF D9``, RIFF length, ``;``),
-    so stripping the padding cannot cut a file short.
+    With ``lengths`` (``image_bytes_lengths``, what :func:`m3_trt.serving.client.build_inputs`
+    sends) every row is cut at its length, so files that end in zero bytes (BMP, TIFF, PPM, a
+    WebP's RIFF pad byte) arrive whole. Without it (a client written for the TensorRT-LLM
+    templates) trailing zeros are stripped, which is exact for PNG / JPEG / GIF only.
     """
     rows = np.asarray(rows_nL)
     if rows.dtype != np.uint8:
@@ -77,13 +95,61 @@ def split_image_rows(rows_nL: np.ndarray) -> list[bytes]:
     if rows.ndim == 1:
         rows = rows[None]
     rows = rows.reshape(-1, rows.shape[-1]) if rows.size else rows.reshape(0, 0)
-    return [r.tobytes().rstrip(b"\0") for r in rows]
+    if lengths_n is None:
+        return [r.tobytes().rstrip(b"\0") for r in rows]
+    lengths = np.asarray(lengths_n).reshape(-1)
+    if lengths.size != rows.shape[0]:
+        raise RequestError(f"image_bytes_lengths has {lengths.size} values for {rows.shape[0]} images")
+    if lengths.size and (int(lengths.min()) < 0 or int(lengths.max()) > rows.shape[1]):
+        raise RequestError(f"image_bytes_lengths {lengths.tolist()} must lie within 0..{rows.shape[1]} "
+                           f"(the image_bytes_input row length)")
+    return [r[: int(n)].tobytes() for r, n in zip(rows, lengths)]
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    """Per-request caps (the ``max_request_bytes`` / ``max_image_bytes`` / ``max_images``
+    parameters of the preprocessing and m3_bls configs)."""
+
+    max_request_bytes: int = 32 << 20
+    max_image_bytes: int = 16 << 20
+    max_images: int = 8
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "RequestLimits":
+        d = cls()
+        return cls(*(int(params.get(f.name, getattr(d, f.name))) for f in dataclasses.fields(cls)))
+
+    def check(self, prompt: str, images: Sequence[bytes], request_bytes: int | None = None) -> None:
+        """RequestError naming the cap a request exceeds (``request_bytes``: the inputs' size as
+        received, default prompt + images)."""
+        if len(images) > self.max_images:
+            raise RequestError(f"{len(images)} images in one request, over max_images={self.max_images}")
+        for i, blob in enumerate(images):
+            if len(blob) > self.max_image_bytes:
+                raise RequestError(f"image {i} is {len(blob)} bytes, over max_image_bytes={self.max_image_bytes}")
+        total = request_bytes if request_bytes is not None else len(prompt.encode("utf-8")) + sum(map(len, images))
+        if total > self.max_request_bytes:
+            raise RequestError(f"request is {total} bytes, over max_request_bytes={self.max_request_bytes}")
 
 
 def build_prompt(processor, prompt: str, n_images: int) -> str:
     """One user turn: the images first, then the text, through the checkpoint's chat template."""
     content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def encode_chat(processor, prompt: str, images: Sequence = ()) -> dict:
+    """The processor's inputs for one user turn, the user's text tokenized WITHOUT special tokens.
+
+    The template is rendered around a sentinel; its own markers (role, turn, image) become special
+    tokens, while role markers typed into ``prompt`` stay plain text, so a prompt cannot forge a
+    system turn or an image slot.
+    """
+    from m3_trt.processing import PLAIN_TEXT
+
+    return processor(build_prompt(processor, PLAIN_TEXT, len(images)), images=list(images) or None,
+                     plain_text=[prompt])
 
 
 class Preprocessor:
@@ -106,7 +172,7 @@ class Preprocessor:
                 raise RequestError(f"image {i} is over the pixel budget: {e}") from e
             except ImageDecodeError as e:
                 raise RequestError(f"image {i} is not a decodable image: {e}") from e
-        enc = self.processor(build_prompt(self.processor, prompt, len(pics)), images=pics or None)
+        enc = encode_chat(self.processor, prompt, pics)
         ids = enc["input_ids"].reshape(-1).numpy().astype(np.int64)
         if ids.size > self.max_input_len:
             raise RequestError(
@@ -172,12 +238,12 @@ class VisionEncoder:
         return list(np.split(feats, np.cumsum(counts)[:-1]))
 
 
-def _eos_ids(config) -> tuple[int, ...]:
+def eos_ids(config) -> tuple[int, ...]:
     eos = config.text.eos_token_id
     return tuple(eos) if isinstance(eos, (tuple, list)) else (eos,)
 
 
-def _check_placeholders(input_ids: np.ndarray, image_embeds: np.ndarray | None, config) -> np.ndarray | None:
+def check_placeholders(input_ids: np.ndarray, image_embeds: np.ndarray | None, config) -> np.ndarray | None:
     """``image_embeds`` as ``[n, Dt]`` fp32 (None when empty), one row per image placeholder id."""
     n_placeholders = int((np.asarray(input_ids) == config.image_token_id).sum())
     embeds = None
@@ -194,7 +260,7 @@ class TokenGenerator:
 
     def __init__(self, model):
         self.model = model
-        self.eos = _eos_ids(model.config)
+        self.eos = eos_ids(model.config)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "TokenGenerator":
@@ -207,9 +273,9 @@ class TokenGenerator:
         import torch
         from m3_trt.generate import generate
 
-        params.validate()
+        params.validate(self.model.config.text.vocab_size)
         ids = torch.from_numpy(np.asarray(input_ids, np.int64).reshape(1, -1))
-        embeds = _check_placeholders(input_ids, image_embeds, self.model.config)
+        embeds = check_placeholders(input_ids, image_embeds, self.model.config)
         embeds = torch.from_numpy(embeds) if embeds is not None else None
         eos = (params.end_id,) if params.end_id is not None else self.eos
         return generate(self.model, ids, image_embeds=embeds, max_new_tokens=params.max_tokens, eos_token_id=eos,
@@ -226,12 +292,12 @@ class OnnxTokenGenerator:
     def __init__(self, onnx_model):
         self.model = onnx_model
         self.config = onnx_model.config
-        self.eos = _eos_ids(onnx_model.config)
+        self.eos = eos_ids(onnx_model.config)
 
     def __call__(self, input_ids: np.ndarray, image_embeds: np.ndarray | None, params: SamplingParams) -> Iterator[int]:
-        params.validate()
+        params.validate(self.config.text.vocab_size)
         ids = np.asarray(input_ids, np.int64).reshape(1, -1)
-        embeds = _check_placeholders(ids, image_embeds, self.config)
+        embeds = check_placeholders(ids, image_embeds, self.config)
         limit = self.model.max_seq_len
         if ids.shape[1] + params.max_tokens > limit:
             raise RequestError(f"prompt ({ids.shape[1]} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -281,9 +347,11 @@ def load_steps(params: dict[str, str]) -> tuple[VisionEncoder, "TokenGenerator |
 
 
 def _stable(processor, ids: Sequence[int]) -> str:
-    # Text that can no longer change: trailing U+FFFD may be the first bytes of a character
-    # whose remaining bytes come with the next token.
-    return processor.decode(list(ids)).rstrip(REPLACEMENT) if len(ids) else ""
+    # Text that can no longer change: one trailing U+FFFD may be the first bytes of a character
+    # whose remaining bytes come with the next token (a lossy UTF-8 decode turns an incomplete
+    # trailing sequence into exactly one U+FFFD; earlier ones are final).
+    text = processor.decode(list(ids)) if len(ids) else ""
+    return text[:-1] if text.endswith(REPLACEMENT) else text
 
 
 def text_delta(processor, ids: Sequence[int], new_tokens: int, finished: bool) -> str:
@@ -298,17 +366,51 @@ def text_delta(processor, ids: Sequence[int], new_tokens: int, finished: bool) -
     return now[len(before):]
 
 
+# Context ids sent before the new ones. The unsent tail of an answer is at most one incomplete
+# UTF-8 character (<= 3 bytes, so <= 3 tokens); 8 leaves room for tokens that decode to nothing.
+DETOK_CONTEXT = 8
+
+
+class TokenWindow:
+    """The ids one streamed ``llm`` response carries: a bounded tail of context + the new ids.
+
+    ``push(new) -> (ids, n_new)``; ``text_delta(processor, ids, n_new, finished)`` on them gives
+    the same text as on the cumulative ids, with bytes per response independent of the answer's
+    length (the context covers whatever text is not yet stable).
+    """
+
+    def __init__(self, context: int = DETOK_CONTEXT):
+        self.context = context
+        self.tail: list[int] = []
+
+    def push(self, new: Sequence[int]) -> tuple[list[int], int]:
+        ids = self.tail + [int(t) for t in new]
+        self.tail = ids[-self.context:] if self.context else []
+        return ids, len(new)
+
+
+class Detokenizer:
+    """Per-request incremental detokenisation: ``push(new_ids, finished) -> text`` (linear work)."""
+
+    def __init__(self, processor, context: int = DETOK_CONTEXT):
+        self.processor = processor
+        self.window = TokenWindow(context)
+
+    def push(self, new: Sequence[int], finished: bool = False) -> str:
+        ids, n = self.window.push(new)
+        return text_delta(self.processor, ids, n, finished)
+
+
 def generate_in_process(preprocessor: Preprocessor, vision: VisionEncoder, generator: TokenGenerator,
                         prompt: str, images: Sequence[bytes], params: SamplingParams) -> Iterator[str]:
     """The served pipeline without the server: yields the same text pieces as a streaming request."""
     enc = preprocessor(prompt, images)
     embeds = vision([(enc["pixel_values"], enc["image_grid_thw"])])[0]
-    toks: list[int] = []
+    detok = Detokenizer(preprocessor.processor)
     for tok in generator(enc["input_ids"], embeds, params):
-        toks.append(tok)
-        piece = text_delta(preprocessor.processor, toks, 1, False)
+        piece = detok.push([tok])
         if piece:
             yield piece
-    tail = text_delta(preprocessor.processor, toks, 0, True)
+    tail = detok.push([], finished=True)
     if tail:
         yield tail

@@ -13,13 +13,32 @@ Binary resolution (:func:`find_tritonserver`):
 The python-backend stub embeds ``libpython`` and finds its ``sys.prefix`` by looking ``python3``
 up on ``PATH``: putting the running interpreter's ``bin/`` first makes the stub see this venv's
 site-packages (torch, m3_trt) — the same trick PyTriton's own launcher uses.
+
+Safe by default (what :class:`TritonServer` always passes to tritonserver):
+
+- HTTP, gRPC and metrics bind to ``host`` (``127.0.0.1`` unless the caller exposes them);
+- ``--model-control-mode=none``: every model of the repository is loaded at start-up and nothing
+  can be loaded, unloaded or replaced afterwards (a load request would otherwise let anyone who
+  reaches the port run Python: a ``file:1/model.py`` override);
+- the ``model-repository``, ``shared-memory``, ``trace`` and ``logging`` APIs are restricted
+  (``--http-restricted-api`` / ``--grpc-restricted-protocol``) to requests carrying the header
+  :data:`ADMIN_HEADER` (HTTP; gRPC: ``triton-grpc-protocol-`` + it) with the operator's
+  ``admin_key``; without one a random key that is never shown is used, so they are unreachable;
+- SageMaker and Vertex AI front ends off.
+
+Triton's log goes where ``log_path`` says: a file the caller names (appended to, kept), ``"-"``
+for this process's own stdout (``m3-trt serve``), or by default an unnamed temporary file (``O_TMPFILE``:
+it never has a name in the temp folder, so even a SIGKILLed run leaves nothing behind); its tail
+is in every :class:`TritonServerError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,7 +53,14 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-__all__ = ["TritonBinary", "TritonServer", "TritonServerError", "find_tritonserver", "free_port", "serve"]
+from .openai_server import OpenAIServer
+
+__all__ = ["ADMIN_HEADER", "RESTRICTED_APIS", "TritonBinary", "TritonServer", "TritonServerError", "find_tritonserver",
+           "free_port", "is_loopback", "serve"]
+
+ADMIN_HEADER = "m3-trt-admin-key"
+# APIs no inference client needs, and that change the server or reach its files and memory.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 
 
 class TritonServerError(RuntimeError):
@@ -138,6 +164,23 @@ def _parent_death_sigterm() -> None:
         pass  # not Linux: the server then outlives a SIGKILLed parent, as before
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1, IPv4-mapped ::ffff:127.x)."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+def _client_host(host: str) -> str:
+    """Where a local client reaches a server bound to ``host`` (wildcards -> loopback; IPv6 bracketed)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{host}]" if ":" in host else host
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (racy by nature; good enough for loopback tests)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -148,11 +191,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 class TritonServer:
     """A tritonserver subprocess over ``repo``; a context manager that waits for readiness.
 
-    Ports left as ``None`` are chosen free on loopback. ``log_path`` collects stdout+stderr
-    (a temp file by default, removed after a clean stop); :attr:`log` reads it. Models are
-    loaded explicitly, all at start (``--model-control-mode=explicit --load-model=*``), and
-    startup fails if any fails. ``exit_timeout_s`` is Triton's ``--exit-timeout-secs``: how long
-    a stop waits for in-flight requests and model unloads before Triton gives up and exits 1.
+    Ports left as ``None`` are chosen free on ``host``. ``log_path`` collects stdout+stderr: a
+    file path (appended to, kept), ``"-"`` (inherit this process's stdout/stderr), or ``None`` for
+    an unnamed temporary file (see the module doc); :attr:`log` reads it. Every model is loaded at start
+    (``--model-control-mode=none``) and startup fails if any fails. ``admin_key`` unlocks the
+    restricted APIs (:data:`RESTRICTED_APIS`) for requests that carry it in :data:`ADMIN_HEADER`.
+    ``exit_timeout_s`` is Triton's ``--exit-timeout-secs``: how long a stop waits for in-flight
+    requests and model unloads before Triton gives up and exits 1.
     ``die_with_parent`` (Linux) has the kernel SIGTERM Triton when the thread that started it
     dies, even by SIGKILL; ``serve`` uses it so a killed ``m3-trt serve`` leaves no server behind.
     """
@@ -165,6 +210,7 @@ class TritonServer:
         http_port: int | None = None,
         metrics_port: int | None = None,
         host: str = "127.0.0.1",
+        admin_key: str | None = None,
         startup_timeout_s: float = 180.0,
         exit_timeout_s: int = 30,
         log_verbose: int = 0,
@@ -179,6 +225,10 @@ class TritonServer:
         if not self.repo.is_dir():
             raise TritonServerError(f"model repository {self.repo} does not exist")
         self.host = host
+        if admin_key is not None and (not admin_key or any(c in admin_key for c in ",:= \t\n")):
+            raise TritonServerError("admin_key must be non-empty and contain no ',', ':', '=' or whitespace "
+                                    "(tritonserver's option syntax)")
+        self.admin_key = admin_key or secrets.token_urlsafe(32)
         self.grpc_port = grpc_port or free_port(host)
         self.http_port = http_port or free_port(host)
         self.metrics_port = metrics_port or free_port(host)
@@ -191,25 +241,41 @@ class TritonServer:
         self.die_with_parent = die_with_parent
         self.binary = binary or find_tritonserver()
         self.shm_prefix = f"m3trt_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
-        self._log_path = Path(log_path) if log_path else None
-        self._own_log = log_path is None
+        self._inherit_log = log_path == "-"
+        self._log_path = Path(log_path) if log_path and not self._inherit_log else None
         self._log_file = None
+        self._log_tail = ""
         self.proc: subprocess.Popen | None = None
 
     # -- addresses -------------------------------------------------------------------------
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        return f"{_client_host(self.host)}:{self.grpc_port}"
 
     @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{_client_host(self.host)}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
+
+    @property
+    def log_location(self) -> str:
+        """Where Triton's log is, in words."""
+        if self._inherit_log:
+            return "this process's output"
+        return str(self._log_path) if self._log_path else "an unnamed temporary file (gone when the server stops)"
 
     @property
     def log(self) -> str:
-        if self._log_path is None or not self._log_path.exists():
-            return ""
-        return self._log_path.read_text(errors="replace")
+        if self._log_path is not None:
+            return self._log_path.read_text(errors="replace") if self._log_path.exists() else ""
+        if self._log_file is None:
+            return self._log_tail
+        # pread: Triton writes through the same open file description; never move its offset.
+        fd = self._log_file.fileno()
+        return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
 
     def command(self) -> list[str]:
         return [
@@ -221,8 +287,14 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--http-address={self.host}",
             f"--grpc-address={self.host}",
-            "--model-control-mode=explicit",
-            "--load-model=*",
+            f"--metrics-address={self.host}",
+            "--allow-metrics=true",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            # Load everything at start, never again: no remote load/unload (see the module doc).
+            "--model-control-mode=none",
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_HEADER}={self.admin_key}",
             "--exit-on-error=true",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             "--strict-readiness=true",
@@ -241,17 +313,18 @@ class TritonServer:
         """Launch and wait until ready (``abort`` set by another thread ends the wait)."""
         if self.proc is not None:
             raise TritonServerError("server already started")
-        if self._log_path is None:
-            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
-            os.close(fd)
-            self._log_path = Path(name)
-        self._log_file = open(self._log_path, "wb")
+        if self._inherit_log:
+            self._log_file = None
+        elif self._log_path is None:
+            self._log_file = tempfile.TemporaryFile(prefix="tritonserver-", suffix=".log")  # O_TMPFILE: no name
+        else:
+            self._log_file = open(self._log_path, "ab")  # appends: a named file is never truncated
         env = _merge_env(os.environ, self.binary.env)
         env.update(self.extra_env)
         self.proc = subprocess.Popen(
             self.command(),
             stdout=self._log_file,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if self._log_file is not None else None,
             env=env,
             start_new_session=True,  # our own process group: signals reach the stubs too
             preexec_fn=_parent_death_sigterm if self.die_with_parent else None,
@@ -267,7 +340,7 @@ class TritonServer:
         tail = "\n".join(self.log.splitlines()[-60:])
         return TritonServerError(
             f"tritonserver {why} ({self.binary.origin} binary {self.binary.executable}, "
-            f"repository {self.repo}, log {self._log_path}):\n{tail}"
+            f"repository {self.repo}, log: {self.log_location}):\n{tail}"
         )
 
     def is_ready(self) -> bool:
@@ -310,10 +383,9 @@ class TritonServer:
                     proc.wait()
             code = proc.returncode
         if self._log_file is not None:
+            self._log_tail = self.log[-20000:]  # an unnamed log vanishes on close; keep its tail for errors
             self._log_file.close()
             self._log_file = None
-            if code == 0 and self._own_log and self._log_path is not None:
-                self._log_path.unlink(missing_ok=True)  # a clean run's temp log is noise in /tmp
         return code
 
     def __enter__(self) -> "TritonServer":
@@ -329,19 +401,35 @@ def serve(
     http_port: int | None = None,
     metrics_port: int | None = None,
     *,
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
+    admin_key: str | None = None,
+    openai_port: int | None = None,
+    served_model_name: str | None = None,
+    log_path: str | Path = "-",
     log_verbose: int = 0,
 ) -> int:
     """Run tritonserver in the foreground until SIGINT/SIGTERM; forward the signal; return its exit code.
 
     Triton runs in its own session (a terminal's Ctrl-C reaches only this process), so the signal
     is forwarded as SIGTERM: Triton drains requests, unloads every model and exits 0. A signal
-    during startup stops the server as well.
+    during startup stops the server as well. Everything binds to ``host`` (loopback unless the
+    operator exposes it; a warning says so). ``openai_port`` also serves the OpenAI-compatible
+    endpoint (:mod:`m3_trt.serving.openai_server`) on ``host``, forwarding to the ensemble over gRPC.
+    Triton's log goes to this process's output unless ``log_path`` names a file.
     """
+    if not is_loopback(host):
+        print(f"WARNING: exposing tritonserver on {host}: anyone who can reach ports {grpc_port or 8001}/"
+              f"{http_port or 8000}/{metrics_port or 8002}{f'/{openai_port}' if openai_port else ''} can run "
+              f"inference and read metrics (the model-repository API stays disabled). Put it behind a "
+              f"firewall or an authenticating proxy.", file=sys.stderr, flush=True)
     server = TritonServer(
         repo, grpc_port=grpc_port or 8001, http_port=http_port or 8000,
-        metrics_port=metrics_port or 8002, host=host, log_verbose=log_verbose, die_with_parent=True,
+        metrics_port=metrics_port or 8002, host=host, admin_key=admin_key, log_path=log_path,
+        log_verbose=log_verbose, die_with_parent=True,
     )
+    # Made (and its port bound) before Triton starts: a bad repository or a taken port fails at once.
+    front = OpenAIServer(repo, server.grpc_url, host=host, port=openai_port, served_model_name=served_model_name) \
+        if openai_port is not None else None
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -353,17 +441,26 @@ def serve(
                 return 130
             raise
         b = server.binary
-        print(f"tritonserver ({b.origin}: {b.executable}) ready: gRPC {server.grpc_url}, "
-              f"HTTP {server.http_url}, metrics :{server.metrics_port}; log {server._log_path}", flush=True)
+        print(f"tritonserver ({b.origin}: {b.executable}) on {host}: gRPC {server.grpc_url}, HTTP {server.http_url}, "
+              f"metrics {server.metrics_url}; log: {server.log_location}", flush=True)
+        if front is not None:
+            front.start()
+            print(f"OpenAI-compatible endpoint: {front.url}/v1 (model {front.model_name!r})", flush=True)
+        print(f"tritonserver ready: gRPC {server.grpc_url}", flush=True)
         while not stop.is_set():
             if server.proc.poll() is not None:
                 raise server._fail(f"exited with code {server.proc.returncode}")
             stop.wait(0.5)
+        if front is not None:
+            front.stop()
+            front = None
         print("stopping tritonserver ...", flush=True)
         code = server.stop()
         print(f"tritonserver exited with code {code}", flush=True)
         return 0 if code == 0 else 1
     finally:
+        if front is not None:
+            front.stop()
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -9,17 +9,15 @@ in front; :func:`read` strips it.
 from __future__ import annotations
 
 import json
-import queue
-import threading
-import traceback
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from .pipeline import RequestError, SamplingParams
+from .batching import BatchScheduler, SchedulerMetrics, batch_backend
+from .pipeline import RequestError, RequestLimits, SamplingParams, split_image_rows
 
 __all__ = ["model_parameters", "read", "read_text", "read_scalar", "sampling_params", "error_response",
-           "InterleavedScheduler"]
+           "TritonMetrics", "vision_batch_metric", "llm_scheduler", "read_images"]
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -68,7 +66,26 @@ def sampling_params(pb, request, *, max_tokens_name: str = "max_tokens") -> Samp
         top_p=read_scalar(pb, request, "top_p", 1.0, float),
         seed=read_scalar(pb, request, "seed", None, int),
         end_id=read_scalar(pb, request, "end_id", None, int),
+        pad_id=read_scalar(pb, request, "pad_id", None, int),
     ).validate()
+
+
+def read_images(pb, request, limits: RequestLimits, prompt: str) -> list[bytes]:
+    """The request's encoded images (``image_bytes_input`` rows cut at ``image_bytes_lengths``),
+    refused by name when over ``limits`` (count and total size checked before any copy)."""
+    rows = read(pb, request, "image_bytes_input", required=False)
+    if rows is None:
+        limits.check(prompt, [])
+        return []
+    n = rows.reshape(-1, rows.shape[-1]).shape[0] if rows.ndim and rows.size else 0
+    if n > limits.max_images:
+        raise RequestError(f"{n} images in one request, over max_images={limits.max_images}")
+    received = len(prompt.encode("utf-8")) + rows.nbytes
+    if received > limits.max_request_bytes:
+        raise RequestError(f"request is {received} bytes, over max_request_bytes={limits.max_request_bytes}")
+    images = split_image_rows(rows, read(pb, request, "image_bytes_lengths", required=False))
+    limits.check(prompt, images, received)
+    return images
 
 
 def error_response(pb, exc: BaseException):
@@ -77,66 +94,85 @@ def error_response(pb, exc: BaseException):
     return pb.InferenceResponse(error=pb.TritonError(msg))
 
 
-class InterleavedScheduler:
-    """One worker thread that advances every active request by one token in turn.
+class TritonMetrics(SchedulerMetrics):
+    """The scheduler's figures as python-backend custom metrics on Triton's metrics endpoint.
 
-    ``submit(start, emit, finish, fail)``: ``start()`` returns a token iterator (run on the
-    worker, so slow set-up never blocks ``execute``); each token goes to ``emit(token)``; the end
-    to ``finish()``; any exception to ``fail(exc)``. New requests join between tokens, so a long
-    answer does not hold back a short one (continuous scheduling; forwards are not fused).
+    ``m3_llm_generated_tokens`` (counter), ``m3_llm_time_to_first_token_seconds`` and
+    ``m3_llm_inter_token_seconds`` and ``m3_llm_step_batch_size`` (rows per batched forward)
+    (histograms), ``m3_llm_active_batch_size``,
+    ``m3_llm_kv_slots_used`` and ``m3_llm_queued_requests`` (gauges), labelled with the model
+    instance. Families are created once per process (Triton refuses a second family of a name).
     """
 
-    def __init__(self, name: str = "m3-scheduler"):
-        self._inbox: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+    def __init__(self, pb, args: dict, scheduler_queue=lambda: 0):
+        labels = {"model": args.get("model_name", "llm"), "instance": args.get("model_instance_name", "0")}
+        fam = _families(pb)
+        self._tokens = fam["tokens"].Metric(labels=labels)
+        self._ttft = fam["ttft"].Metric(labels=labels, buckets=TTFT_BUCKETS)
+        self._itl = fam["itl"].Metric(labels=labels, buckets=ITL_BUCKETS)
+        self._rows = fam["rows"].Metric(labels=labels, buckets=BATCH_BUCKETS)
+        self._active = fam["active"].Metric(labels=labels)
+        self._slots = fam["slots"].Metric(labels=labels)
+        self._queued = fam["queued"].Metric(labels=labels)
+        self._queue = scheduler_queue
 
-    def submit(self, start: Callable[[], Iterator[int]], emit: Callable[[int], None],
-               finish: Callable[[], None], fail: Callable[[BaseException], None]) -> None:
-        self._inbox.put((start, emit, finish, fail))
+    def step(self, rows: int, active: int, slots_used: int, tokens: int) -> None:
+        if rows:
+            self._rows.observe(rows)
+        if tokens:
+            self._tokens.increment(tokens)
+        self._active.set(active)
+        self._slots.set(slots_used)
+        self._queued.set(self._queue())
 
-    def close(self) -> None:
-        self._stop.set()
-        self._inbox.put(None)
-        self._thread.join(timeout=10)
+    def first_token(self, seconds: float) -> None:
+        self._ttft.observe(seconds)
 
-    def _run(self) -> None:
-        active: list[list] = []
-        while not self._stop.is_set():
-            try:
-                while True:
-                    job = self._inbox.get(block=not active)
-                    if job is None:
-                        return
-                    start, emit, finish, fail = job
-                    try:
-                        active.append([start(), emit, finish, fail])
-                    except BaseException as exc:  # noqa: BLE001 - reported to the client
-                        self._safe(fail, exc)
-            except queue.Empty:
-                pass
-            for job in list(active):
-                it, emit, finish, fail = job
-                try:
-                    tok = next(it)
-                except StopIteration:
-                    active.remove(job)
-                    self._safe(finish)
-                    continue
-                except BaseException as exc:  # noqa: BLE001
-                    active.remove(job)
-                    self._safe(fail, exc)
-                    continue
-                try:
-                    emit(tok)
-                except BaseException as exc:  # noqa: BLE001 - e.g. the client went away
-                    active.remove(job)
-                    self._safe(fail, exc)
+    def next_token(self, seconds: float) -> None:
+        self._itl.observe(seconds)
 
-    @staticmethod
-    def _safe(fn, *args) -> None:
-        try:
-            fn(*args)
-        except BaseException:  # noqa: BLE001 - never let one request kill the worker
-            traceback.print_exc()
+
+TTFT_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+_FAMILIES: dict = {}
+
+
+def _families(pb) -> dict:
+    if not _FAMILIES:
+        M = pb.MetricFamily
+        for key, name, kind, what in (
+            ("tokens", "m3_llm_generated_tokens", M.COUNTER, "Tokens generated by the llm step"),
+            ("ttft", "m3_llm_time_to_first_token_seconds", M.HISTOGRAM, "Seconds from a request's arrival in the llm step to its first token"),
+            ("itl", "m3_llm_inter_token_seconds", M.HISTOGRAM, "Seconds between consecutive tokens of one request"),
+            ("rows", "m3_llm_step_batch_size", M.HISTOGRAM, "Requests per batched forward of the llm step"),
+            ("active", "m3_llm_active_batch_size", M.GAUGE, "Requests holding a KV slot after the last step"),
+            ("slots", "m3_llm_kv_slots_used", M.GAUGE, "KV-cache slots held by requests"),
+            ("queued", "m3_llm_queued_requests", M.GAUGE, "Requests waiting for a KV-cache slot"),
+            ("vision", "m3_vision_batch_size", M.HISTOGRAM, "Requests per vision-encoder forward"),
+        ):
+            _FAMILIES[key] = M(name=name, description=what, kind=kind)
+    return _FAMILIES
+
+
+def vision_batch_metric(pb, args: dict):
+    """The vision encoder's batch-size histogram for this model instance."""
+    labels = {"model": args.get("model_name", "vision_encoder"), "instance": args.get("model_instance_name", "0")}
+    return _families(pb)["vision"].Metric(labels=labels, buckets=BATCH_BUCKETS)
+
+
+def llm_scheduler(pb, args: dict, generator) -> BatchScheduler:
+    """The in-flight batcher of an llm-like model (llm, m3_bls) from its config, started.
+
+    KV slots = the model's ``max_batch_size``; cache length = ``max_input_len + max_output_len``
+    (torch; capped at the model's positions) or the ONNX export's ``max_seq_len``.
+    """
+    cfg = json.loads(args["model_config"])
+    p = model_parameters(args)
+    slots = int(cfg.get("max_batch_size", 1)) or 1
+    max_seq_len = int(p.get("max_input_len", "4096")) + int(p.get("max_output_len", "1024"))
+    backend = batch_backend(generator, slots=slots, max_seq_len=max_seq_len)
+    sched = BatchScheduler(backend, max_batch=slots, max_num_tokens=int(p.get("max_num_tokens", "256")),
+                           max_queue=int(p.get("max_queue_size", "64")), name=cfg.get("name", "llm"))
+    sched.metrics = TritonMetrics(pb, args, lambda: sched.queued)
+    return sched.start()

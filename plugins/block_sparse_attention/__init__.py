@@ -3,7 +3,8 @@
 ``block_sparse_attention`` checks its arguments and runs the custom op with the chosen
 implementation: ``reference`` (dense ``[B, Hq, S, T]`` mask, the spec), ``torch`` (gathers the
 selected blocks, memory linear in S) or ``triton`` (one program per query x KV group, split-K for
-decode). Nothing happens at import.
+decode). Importing the package
+registers the op (``op.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import torch
 
 from .._common import check_dims, check_impl, check_tensor, check_triton_device
+from .._contract import Operator
+from .contract import CONTRACT
+from .op import IMPLS, block_sparse_attention_op
+from .reference import block_sparse_attention_reference
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -28,7 +33,7 @@ def block_sparse_attention(
 ) -> torch.Tensor:
     """``out_BHSD``: attention of each query over the slots of its selected blocks with
     ``slot <= q_pos`` (key slot == absolute position). See ``reference.py`` for the formula."""
-    check_impl(impl)
+    check_impl(impl, IMPLS)
     check_tensor("q_BHSD", q_BHSD, 4)
     check_tensor("k_BGTD", k_BGTD, 4, (q_BHSD.dtype,))
     check_tensor("v_BGTD", v_BGTD, 4, (q_BHSD.dtype,))
@@ -49,6 +54,9 @@ def block_sparse_attention(
         raise ValueError(f"block_size must be > 0, got {block_size}")
     if impl == "triton":
         check_triton_device("q_BHSD", q_BHSD)
-    from . import op
+    return block_sparse_attention_op(q_BHSD, k_BGTD, v_BGTD, block_idx_BGSK, q_pos_BS, scale=float(scale),
+                                     block_size=int(block_size), impl=impl)
 
-    return op.block_sparse_attention_op(q_BHSD, k_BGTD, v_BGTD, block_idx_BGSK, q_pos_BS, block_size, float(scale), impl)
+
+# the dense-mask reference has static shapes: it is what --plugins none exports
+OPERATOR = Operator(CONTRACT, block_sparse_attention, IMPLS, portable=block_sparse_attention_reference)

@@ -6,10 +6,19 @@ K selected blocks per (query, group), P split count.
 Grid ``(S, B * G, P)``: one program per (query, KV group, split). Its tile is the R query heads
 of the group (rows padded to ``max(16, next_pow2(R))`` for ``tl.dot``), so each selected KV
 block is loaded once for the whole GQA group. The program walks its share of the row's
-``block_idx`` entries (skipping ``-1`` and repeats), masks token causality and the cache end
-inside each block, and keeps an online softmax (running max, running sum, fp32 accumulator).
+``block_idx`` entries (skipping ``-1`` and adjacent repeats), masks token causality and the cache
+end inside each block, and keeps an online softmax (running max, running sum, fp32 accumulator).
 With ``P == 1`` it normalises and stores ``out``; with ``P > 1`` (decode: few queries, a long
 row of blocks) it stores partial ``(acc, max, sum)`` that ``_combine_splits`` merges.
+
+A branch-free walk over the valid prefix (holes and repeats masked instead of skipped) was tried
+to let Triton pipeline the loads: it passed every interpreter test, but its sm_90 build (Triton
+3.8, 4 warps, bf16) spills 248 bytes against 56 for this form, both at 255 registers. Without a
+GPU to time the two, the branch stays (see the DESIGN kernel notes).
+
+Offsets are 64-bit: program ids are cast to int64 before they multiply a stride, because
+``b * stride`` overflows int32 in prefill (q ``[B, 64, S, 128]``: batch stride ``2^29`` at 64K, so
+``b >= 4``; B >= 3 at 128K).
 
 A query tile of several queries would need the union of their block lists; the one-query tile
 keeps every loaded block useful and is the layout vLLM / SGLang use for this operator.
@@ -41,8 +50,9 @@ def _bsa_kernel(
     BLOCK_SIZE: tl.constexpr, BS_P2: tl.constexpr,
     CAST_FP32: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    bg = tl.program_id(1)
+    # int64 before any stride product: b * sqb passes 2^31 at B >= 5 for 64K prefill.
+    s = tl.program_id(0).to(tl.int64)
+    bg = tl.program_id(1).to(tl.int64)
     sp = tl.program_id(2)
     b = bg // G
     g = bg % G
@@ -101,7 +111,7 @@ def _bsa_kernel(
         n_batch = tl.num_programs(1) // G
         row = ((sp * n_batch + b) * (G * R) + heads) * S + s
         tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
-        n_rows = tl.num_programs(2) * n_batch * (G * R) * S
+        n_rows = (tl.num_programs(2) * n_batch).to(tl.int64) * (G * R) * S
         tl.store(ml_ptr + row, m_i, mask=r_ok)
         tl.store(ml_ptr + n_rows + row, l_i, mask=r_ok)
     else:

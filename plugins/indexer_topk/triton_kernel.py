@@ -12,6 +12,10 @@ happen between ``+inf`` local blocks, i.e. when ``local_blocks > topk``). Select
 written ascending and left-packed through an exclusive prefix sum, ``-1`` after them.
 
 Registers grow with ``BLOCK_M * next_pow2(N)``; the launcher shrinks ``BLOCK_M`` for long caches.
+A NaN score (a NaN or inf in q or k) becomes ``-1e30``: below every real score, above the
+``-inf`` of masked slots, so it can never win a block over real keys nor poison the top-k's
+row max (``tl.max`` over a NaN is undefined across backends). Program ids are cast to int64
+before they multiply a stride (``b * stride`` overflows int32 for long, batched prefills).
 Import this module only when the Triton path is asked for: ``TRITON_INTERPRET`` is read when
 ``@triton.jit`` runs.
 """
@@ -38,8 +42,9 @@ def _indexer_topk_kernel(
     N_P2: tl.constexpr, K: tl.constexpr, K_P2: tl.constexpr, LOCAL: tl.constexpr,
     BLOCK_M: tl.constexpr, CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # int64 before any stride product (b * sqb, offs_m * sqs): 64-bit offsets for long batched prefills.
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,6 +72,7 @@ def _indexer_topk_kernel(
             s = tl.dot(q, tl.trans(kb), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(kb))
+        s = tl.where(s != s, -1e30, s)  # NaN -> -1e30 (see the module docstring)
         allowed = t_ok[None, :] & (t[None, :] <= pos[:, None])
         s = tl.where(allowed, s, float("-inf"))
         bmax = tl.max(s, axis=1)

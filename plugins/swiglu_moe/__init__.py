@@ -2,8 +2,8 @@
 
 ``swiglu_moe`` checks its arguments and runs the custom op with the chosen implementation:
 ``reference`` (expert loop, the spec), ``torch`` (tokens sorted by expert, one GEMM pair per
-non-empty expert) or ``triton`` (grouped GEMMs, SwiGLU fused in the first). Nothing happens at
-import.
+non-empty expert) or ``triton`` (grouped GEMMs, SwiGLU fused in the first). Importing the
+package registers the op (``op.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ from __future__ import annotations
 import torch
 
 from .._common import check_dims, check_impl, check_tensor, check_triton_device
+from .._contract import Operator
+from .contract import CONTRACT
+from .op import IMPLS, swiglu_moe_op
+from .portable import swiglu_moe_portable
+from .reference import local_range
+
+_DEFAULT = CONTRACT.defaults
 
 
 def swiglu_moe(
@@ -26,25 +33,30 @@ def swiglu_moe(
     routed_scaling: float,
     alpha: float,
     limit: float,
+    expert_offset: int = _DEFAULT["expert_offset"],
+    expert_count: int = _DEFAULT["expert_count"],
     impl: str = "reference",
 ) -> torch.Tensor:
-    """``y_TD`` in ``x``'s dtype. ``w13_EFD`` is ``[E, 2F, D]`` (gate rows, then up rows),
-    ``w2_EDF`` ``[E, D, F]``; the shared expert (``w13s_FD`` ``[2Fs, D]``, ``w2s_DF`` ``[D, Fs]``)
-    is optional (both or neither). See ``reference.py`` for the formula."""
-    check_impl(impl)
+    """``y_TD`` in ``x``'s dtype. ``w13_EFD`` is ``[El, 2F, D]`` (gate rows, then up rows),
+    ``w2_EDF`` ``[El, D, F]``; the shared expert (``w13s_FD`` ``[2Fs, D]``, ``w2s_DF`` ``[D, Fs]``)
+    is optional (both or neither). ``El`` is all ``E`` router experts, or with an expert range
+    the ``expert_count`` experts from global id ``expert_offset`` (the output is then their
+    partial sum). See ``reference.py`` for the formula."""
+    check_impl(impl, IMPLS)
     check_tensor("x_TD", x_TD, 2)
     check_tensor("router_w_ED", router_w_ED, 2)
     check_tensor("e_bias_E", e_bias_E, 1)
     check_tensor("w13_EFD", w13_EFD, 3, (x_TD.dtype,))
     check_tensor("w2_EDF", w2_EDF, 3, (x_TD.dtype,))
     T, D = x_TD.shape
-    E, F2 = w13_EFD.shape[0], w13_EFD.shape[1]
-    check_dims("router_w_ED", router_w_ED, {0: ("w13_EFD experts", E), 1: ("x_TD hidden", D)})
-    check_dims("e_bias_E", e_bias_E, {0: ("w13_EFD experts", E)})
+    E, El, F2 = router_w_ED.shape[0], w13_EFD.shape[0], w13_EFD.shape[1]
+    check_dims("router_w_ED", router_w_ED, {1: ("x_TD hidden", D)})
+    check_dims("e_bias_E", e_bias_E, {0: ("router_w_ED experts", E)})
+    local_range(E, El, expert_offset, expert_count)
     if F2 % 2:
         raise ValueError(f"w13_EFD {tuple(w13_EFD.shape)}: dim 1 must be 2F (gate and up halves)")
     check_dims("w13_EFD", w13_EFD, {2: ("x_TD hidden", D)})
-    check_dims("w2_EDF", w2_EDF, {0: ("w13_EFD experts", E), 1: ("x_TD hidden", D), 2: ("w13_EFD F", F2 // 2)})
+    check_dims("w2_EDF", w2_EDF, {0: ("w13_EFD experts", El), 1: ("x_TD hidden", D), 2: ("w13_EFD F", F2 // 2)})
     if (w13s_FD is None) != (w2s_DF is None):
         raise ValueError("w13s_FD and w2s_DF: give both (shared expert) or neither")
     if w13s_FD is not None:
@@ -59,7 +71,9 @@ def swiglu_moe(
         raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
     if impl == "triton":
         check_triton_device("x_TD", x_TD)
-    from . import op
+    return swiglu_moe_op(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD, w2s_DF, top_k=int(top_k),
+                         routed_scaling=float(routed_scaling), alpha=float(alpha), limit=float(limit),
+                         expert_offset=int(expert_offset), expert_count=int(expert_count), impl=impl)
 
-    return op.swiglu_moe_op(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD, w2s_DF,
-                            int(top_k), float(routed_scaling), float(alpha), float(limit), impl)
+
+OPERATOR = Operator(CONTRACT, swiglu_moe, IMPLS, portable=swiglu_moe_portable)

@@ -1,40 +1,49 @@
 """``torch.library`` custom op ``m3::swiglu_moe``: routing + experts + shared expert, one node.
 
-Importing this module registers the op (that is its only purpose); the public function in
-``__init__`` imports it on first use. ``impl`` picks ``reference`` | ``torch`` | ``triton``.
-The op hides the data-dependent expert loop from ``torch.export``.
+``IMPLS`` is the table of implementations the op runs (``impl=`` picks one); the op's schema and
+fake come from ``contract.py``. The op hides the data-dependent expert loop from
+``torch.export``. Importing this module registers the op.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._common import implementation
+from .._contract import define_op
+from .contract import CONTRACT
+from .reference import local_range, route, swiglu_moe_reference
+from .torch_impl import swiglu_moe_torch
 
 
-def _run(impl: str, *args, **kwargs) -> torch.Tensor:
-    return implementation(__package__, "swiglu_moe", impl)(*args, **kwargs)
+def swiglu_moe_triton_lazy(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD, w2s_DF, *, top_k: int,
+                           routed_scaling: float, alpha: float, limit: float, expert_offset: int = 0,
+                           expert_count: int = -1) -> torch.Tensor:
+    """The Triton kernels; with an expert range (the kernel has none) only the rank's
+    (token, expert) pairs go through its grouped GEMMs, as ``K = 1`` rows of a gathered ``x``."""
+    # Lazy: triton is a heavy optional dependency, and TRITON_INTERPRET is read when the kernel
+    # module is first imported. An ImportError here is real and propagates.
+    from .triton_kernel import grouped_swiglu_mlp, swiglu_moe_triton
+
+    held = local_range(router_w_ED.shape[0], w13_EFD.shape[0], expert_offset, expert_count)
+    kw = dict(top_k=top_k, routed_scaling=routed_scaling, alpha=alpha, limit=limit)
+    if len(held) == router_w_ED.shape[0]:
+        return swiglu_moe_triton(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD, w2s_DF, **kw)
+    weights_TK, experts_TK = route(x_TD, router_w_ED, e_bias_E, top_k)
+    local_TK = experts_TK - held.start
+    tok_M, slot_M = torch.nonzero((local_TK >= 0) & (local_TK < len(held)), as_tuple=True)
+    y_M1D = grouped_swiglu_mlp(x_TD[tok_M], w13_EFD, w2_EDF, weights_TK[tok_M, slot_M][:, None],
+                               local_TK[tok_M, slot_M][:, None], alpha=alpha, limit=limit)
+    routed = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(0, tok_M, y_M1D[:, 0])
+    out = routed.to(x_TD.dtype) * routed_scaling
+    if w13s_FD is not None:  # as the kernel does it: one expert that every token picks with weight 1
+        T = x_TD.shape[0]
+        ones_T1 = torch.ones((T, 1), dtype=torch.float32, device=x_TD.device)
+        zeros_T1 = torch.zeros((T, 1), dtype=torch.int64, device=x_TD.device)
+        shared = grouped_swiglu_mlp(x_TD, w13s_FD[None], w2s_DF[None], ones_T1, zeros_T1, alpha=alpha, limit=limit)
+        out = out + shared[:, 0].to(x_TD.dtype)
+    return out
 
 
-@torch.library.custom_op("m3::swiglu_moe", mutates_args=())
-def swiglu_moe_op(
-    x_TD: torch.Tensor,
-    router_w_ED: torch.Tensor,
-    e_bias_E: torch.Tensor,
-    w13_EFD: torch.Tensor,
-    w2_EDF: torch.Tensor,
-    w13s_FD: torch.Tensor | None,
-    w2s_DF: torch.Tensor | None,
-    top_k: int,
-    routed_scaling: float,
-    alpha: float,
-    limit: float,
-    impl: str = "torch",
-) -> torch.Tensor:
-    return _run(impl, x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD, w2s_DF,
-                top_k=top_k, routed_scaling=routed_scaling, alpha=alpha, limit=limit)
+IMPLS = {"reference": swiglu_moe_reference, "torch": swiglu_moe_torch, "triton": swiglu_moe_triton_lazy}
 
-
-@swiglu_moe_op.register_fake
-def _(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD, w2s_DF, top_k, routed_scaling, alpha, limit, impl="torch"):
-    return torch.empty_like(x_TD)
+swiglu_moe_op = define_op(CONTRACT, IMPLS)

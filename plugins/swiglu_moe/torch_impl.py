@@ -9,6 +9,8 @@ the tokens gathered once into ``x_MD`` in that order, and each expert with token
 (one host sync reads the per-expert counts). Results are scaled by the routing weights and
 summed back per token with ``index_add_``; the shared expert runs densely on all tokens.
 Arithmetic and dtype flow follow the reference (GEMMs in the input dtype, routing weights fp32).
+With an expert range (``El`` experts held, see ``reference.py``) the pairs routed outside it go
+to one extra bin after the last held expert and are never computed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import route, swiglu_oai
+from .reference import local_range, route, swiglu_oai
 
 
 def permute_by_expert(experts_TK: torch.Tensor, n_experts: int):
@@ -42,15 +44,23 @@ def swiglu_moe_torch(
     routed_scaling: float,
     alpha: float,
     limit: float,
+    expert_offset: int = 0,
+    expert_count: int = -1,
 ) -> torch.Tensor:
+    held = local_range(router_w_ED.shape[0], w13_EFD.shape[0], expert_offset, expert_count)
     weights_TK, experts_TK = route(x_TD, router_w_ED, e_bias_E, top_k)
-    E = w13_EFD.shape[0]
-    order, tokens, counts = permute_by_expert(experts_TK, E)
+    El = len(held)
+    local_TK = experts_TK - held.start
+    local_TK = local_TK.masked_fill((local_TK < 0) | (local_TK >= El), El)  # bin El: not on this rank
+    order, tokens, counts = permute_by_expert(local_TK, El + 1)
+    counts = counts[:El].tolist()
+    n_held = sum(counts)
+    order, tokens = order[:n_held], tokens[:n_held]  # pairs of other ranks' experts sort last
     w_M = weights_TK.reshape(-1)[order]
     x_MD = x_TD[tokens]
     out = torch.zeros_like(x_TD)
     start = 0
-    for e, n in enumerate(counts.tolist()):
+    for e, n in enumerate(counts):
         if n == 0:
             continue
         sl = slice(start, start + n)

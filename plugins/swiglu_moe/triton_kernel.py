@@ -5,7 +5,11 @@ Legend: T tokens, D hidden, E experts, F intermediate, K experts per token, M = 
 
 Flow: routing in torch (the reference's ``route``); ``align_by_expert`` sorts the pairs by expert
 and pads every expert's run to a multiple of BM (vLLM's ``moe_align_block_size`` idea), so each
-row tile belongs to exactly one expert and empty experts own no tile. Then
+row tile belongs to exactly one expert and empty experts own no tile. It runs on the device
+without a host sync (no ``.item()``, no ``bincount`` or ``repeat_interleave`` that size their
+output from data, as CUDA graphs and TensorRT enqueue need): the tile count is the static bound
+``cdiv(M, BM) + min(E, M)`` and the tiles past the real ones get expert id ``E``, for which the
+kernels run an empty K loop and store nothing. Then
 
 1. ``_gate_up_kernel``, grid ``(P / BM, F / BN)``: gathers the tile's token rows of ``x``
    straight from ``x_TD`` (no permuted copy), computes the gate and up halves of
@@ -16,6 +20,7 @@ row tile belongs to exactly one expert and empty experts own no tile. Then
 3. torch sums ``y`` over the K slots and applies ``routed_scaling``.
 
 The shared expert is the same two kernels with one expert, every token routed to it, weight 1.
+Row offsets are int64 (``rows * stride`` of ``h_PF`` passes int32 at ~700K routed pairs).
 In the interpreter every dot runs in fp32 (bf16 ``tl.dot`` is wrong there); on GPU fp32 inputs
 use IEEE dots. One config per launch (autotune with several configs fails in the interpreter).
 Import lazily: ``TRITON_INTERPRET`` is read when ``@triton.jit`` runs.
@@ -34,14 +39,19 @@ from .reference import route
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, ids_ptr, tile_e_ptr, h_ptr,
-    M, F, Dm, K_TOP, alpha, limit,
+    M, F, Dm, K_TOP, E, alpha, limit,
     sxt, sxd, swe, swf, swd, shp, shf,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # int32 row ids across the K loop: int64 rows there spill (132 bytes in an sm_90 build, against
+    # 4); the store below widens them, the only product (rows * shp) that can pass 2^31.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_e_ptr + pid_m).to(tl.int64)
+    # Tiles past the real ones (expert id E) hold only sentinel rows: no K loop, nothing stored.
+    k_end = tl.where(e < E, Dm, 0)
+    e = tl.minimum(e, E - 1)
     rows = pid_m * BM + tl.arange(0, BM)
     pair = tl.load(ids_ptr + rows)
     row_ok = pair < M
@@ -52,7 +62,7 @@ def _gate_up_kernel(
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
     w_base = w13_ptr + e * swe
-    for k0 in range(0, Dm, BK):
+    for k0 in range(0, k_end, BK):
         kk = k0 + offs_k
         k_ok = kk < Dm
         xt = tl.load(x_ptr + tok[:, None] * sxt + kk[None, :] * sxd, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -74,21 +84,23 @@ def _gate_up_kernel(
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
     h = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
-    tl.store(h_ptr + rows[:, None] * shp + offs_n[None, :] * shf, h.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + rows.to(tl.int64)[:, None] * shp + offs_n[None, :] * shf, h.to(h_ptr.dtype.element_ty),
              mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(
     h_ptr, w2_ptr, ids_ptr, tile_e_ptr, wt_ptr, y_ptr,
-    M, F, Dm,
+    M, F, Dm, E,
     shp, shf, swe, swd, swf, sym, syd,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     CAST_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
     e = tl.load(tile_e_ptr + pid_m).to(tl.int64)
+    k_end = tl.where(e < E, F, 0)  # padding tile past the real ones: empty loop
+    e = tl.minimum(e, E - 1)
     rows = pid_m * BM + tl.arange(0, BM)
     pair = tl.load(ids_ptr + rows)
     row_ok = pair < M
@@ -97,7 +109,7 @@ def _down_kernel(
     offs_k = tl.arange(0, BK)
     acc = tl.zeros([BM, BN], tl.float32)
     w_base = w2_ptr + e * swe
-    for k0 in range(0, F, BK):
+    for k0 in range(0, k_end, BK):
         kk = k0 + offs_k
         k_ok = kk < F
         ht = tl.load(h_ptr + rows[:, None] * shp + kk[None, :] * shf, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -115,22 +127,33 @@ def _down_kernel(
              mask=row_ok[:, None] & n_ok[None, :])
 
 
+def tile_bound(n_pairs: int, n_experts: int, block_m: int) -> int:
+    """Static upper bound on the row tiles ``align_by_expert`` fills: every non-empty expert
+    (at most ``min(E, M)`` of them) wastes less than one tile to padding."""
+    return triton.cdiv(n_pairs, block_m) + min(n_experts, n_pairs)
+
+
 def align_by_expert(experts_TK: torch.Tensor, n_experts: int, block_m: int):
     """Returns ``(sorted_ids_P int32, tile_expert int32)``: pair ids grouped by expert, each run
-    padded with the sentinel ``M`` to a multiple of ``block_m``; the expert of every row tile."""
+    padded with the sentinel ``M`` to a multiple of ``block_m``; the expert of every row tile,
+    ``n_experts`` for the tiles past the real ones. ``P = tile_bound(M, E, block_m) * block_m``
+    is known on the host, so nothing here waits for the device."""
     flat = experts_TK.reshape(-1)
     M = flat.numel()
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    # scatter_add_, not bincount: CUDA bincount reads the max id back to size its output.
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
-    pad_start = torch.cumsum(padded, 0) - padded
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
     start = torch.cumsum(counts, 0) - counts
     e_sorted = flat[order]
     dest = pad_start[e_sorted] + torch.arange(M, device=flat.device) - start[e_sorted]
-    total = int(padded.sum().item())
-    sorted_ids = torch.full((total,), M, dtype=torch.int32, device=flat.device)
+    n_tiles = tile_bound(M, n_experts, block_m)
+    sorted_ids = torch.full((n_tiles * block_m,), M, dtype=torch.int32, device=flat.device)
     sorted_ids[dest] = order.to(torch.int32)
-    tile_expert = torch.repeat_interleave(torch.arange(n_experts, device=flat.device, dtype=torch.int32), padded // block_m)
+    tile_start = torch.arange(n_tiles, device=flat.device, dtype=torch.int64) * block_m
+    tile_expert = torch.searchsorted(pad_end, tile_start, right=True).to(torch.int32)
     return sorted_ids, tile_expert
 
 
@@ -149,19 +172,19 @@ def grouped_swiglu_mlp(x_TD, w13_EFD, w2_EDF, weights_TK, experts_TK, *, alpha, 
     P = sorted_ids.numel()
     h_PF = torch.empty((P, F), dtype=x_TD.dtype, device=x_TD.device)
     y_MD = torch.zeros((M, Dm), dtype=torch.float32, device=x_TD.device)
-    if P == 0:
+    if M == 0:
         return y_MD.view(T, K, Dm)
     w_M = weights_TK.reshape(-1).to(torch.float32).contiguous()
     flags = dict(CAST_FP32=interp or x_TD.dtype == torch.float32, IEEE=x_TD.dtype == torch.float32)
     _gate_up_kernel[(P // block_m, triton.cdiv(F, bn))](
         x_TD, w13_EFD, sorted_ids, tile_expert, h_PF,
-        M, F, Dm, K, float(alpha), float(limit),
+        M, F, Dm, K, E, float(alpha), float(limit),
         *x_TD.stride(), *w13_EFD.stride(), *h_PF.stride(),
         BM=block_m, BN=bn, BK=bk, **flags,
     )
     _down_kernel[(P // block_m, triton.cdiv(Dm, bn))](
         h_PF, w2_EDF, sorted_ids, tile_expert, w_M, y_MD,
-        M, F, Dm,
+        M, F, Dm, E,
         *h_PF.stride(), *w2_EDF.stride(), *y_MD.stride(),
         BM=block_m, BN=bn, BK=bk, **flags,
     )

@@ -94,3 +94,43 @@ def test_streaming_shard_conversion_equals_quantize_weight(tmp_path):
             else:
                 assert torch.equal(out[k], v), k
         assert len(out) == len(sh) + sum(v.is_floating_point() and v.dim() >= 2 for v in sh.values())
+
+
+def test_layerwise_calibration_equals_whole_model(tiny_ckpt):
+    """calibrate_layerwise (one layer in memory, hidden states carried) gives today's whole-model
+    scales and per-layer errors exactly. Negative control: two of the prompts alone give other scales."""
+    from m3_trt.pieces import PieceModel
+
+    inputs = quant.calibration_inputs(tiny_ckpt)
+    ref = M3ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    q = copy.deepcopy(ref)
+    whole = quant.calibrate(q, inputs)
+    whole_errors = quant.layer_errors(ref, q, inputs)
+    emu, errors = quant.calibrate_layerwise(PieceModel(tiny_ckpt), inputs, torch.bfloat16)
+    assert emu.scales() == whole.scales()
+    assert errors == whole_errors
+    fewer, _ = quant.calibrate_layerwise(PieceModel(tiny_ckpt), inputs[:2], torch.bfloat16)
+    assert fewer.scales() != whole.scales()
+
+
+def test_fp8_build_without_tokenizer_calibrates_from_token_ids(tiny_ckpt, tmp_path):
+    import shutil
+
+    ck = shutil.copytree(tiny_ckpt, tmp_path / "notok")
+    for f in ck.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            f.unlink()
+    assert not quant.has_tokenizer(ck)
+    m = build(ck, load_target("cpu", {"onnx": False, "weight_dtype": "fp8", "dtype": "bf16"}), tmp_path / "o",
+              progress=False)
+    rep = m["quantization"]
+    assert "no tokenizer files" in rep["calib"] and rep["prompts"] == quant.TOKEN_ID_PROMPTS, rep["calib"]
+    assert all(0 < e["isolated"] < 0.5 for e in rep["layer_errors"])
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text(json.dumps({"text": "hello"}) + "\n")
+    import pytest
+    with pytest.raises(ValueError, match="no tokenizer files.*input_ids"):
+        quant.calibration_inputs(ck, bad)
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text(json.dumps({"input_ids": [5, 6, 7, 8]}) + "\n")
+    assert quant.calibration_inputs(ck, ids)[0]["input_ids"].tolist() == [[5, 6, 7, 8]]

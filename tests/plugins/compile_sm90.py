@@ -35,7 +35,8 @@ def main():
         for split in (False, True):
             compile_sm90(_bsa_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, idx_ptr="*i32", pos_ptr="*i64", o_ptr=p,
                                            acc_ptr="*fp32", ml_ptr="*fp32"), {"scale"},
-                         dict(R=16, R_P2=16, D=128, D_P2=128, BLOCK_SIZE=128, BS_P2=128, SPLIT=split, **flags))
+                         dict(R=16, R_P2=16, D=128, D_P2=128, BLOCK_SIZE=128, BS_P2=128, SPLIT=split,
+                              **flags))
             print(f"ok block_sparse_attention {dt} split={split}")
         compile_sm90(_indexer_topk_kernel, dict(q_ptr=p, k_ptr=p, pos_ptr="*i64", out_ptr="*i32"), set(),
                      dict(BLOCK_SIZE=128, BS_P2=128, D=128, D_P2=128, N_P2=128, K=16, K_P2=16, LOCAL=1, BLOCK_M=64,

@@ -22,18 +22,22 @@ class SparseAttn(torch.nn.Module):
 
 
 class Moe(torch.nn.Module):
-    def __init__(self, E=8, D=32, F=16):
+    """``experts``: the expert range this module holds, ``(offset, count)``; None = all 8."""
+
+    def __init__(self, E=8, D=32, F=16, experts=None):
         super().__init__()
+        self.range = dict(expert_offset=experts[0], expert_count=experts[1]) if experts else {}
+        sl = slice(experts[0], experts[0] + experts[1]) if experts else slice(None)
         self.router = torch.nn.Parameter(torch.randn(E, D))
         self.bias = torch.nn.Parameter(torch.randn(E) * 0.1)
-        self.w13 = torch.nn.Parameter(torch.randn(E, 2 * F, D) * 0.3)
-        self.w2 = torch.nn.Parameter(torch.randn(E, D, F) * 0.3)
+        self.w13 = torch.nn.Parameter((torch.randn(E, 2 * F, D) * 0.3)[sl])
+        self.w2 = torch.nn.Parameter((torch.randn(E, D, F) * 0.3)[sl])
         self.w13s = torch.nn.Parameter(torch.randn(2 * F, D) * 0.3)
         self.w2s = torch.nn.Parameter(torch.randn(D, F) * 0.3)
 
     def forward(self, x):
         return swiglu_moe(x, self.router, self.bias, self.w13, self.w2, self.w13s, self.w2s,
-                          top_k=2, routed_scaling=2.0, alpha=1.702, limit=7.0, impl="torch")
+                          top_k=2, routed_scaling=2.0, alpha=1.702, limit=7.0, **self.range, impl="torch")
 
 
 def _op_nodes(ep):
@@ -57,9 +61,10 @@ def test_sparse_attention_exports_as_two_nodes(S):
     _check(SparseAttn(), inputs, ["m3.indexer_topk.default", "m3.block_sparse_attention.default"], seed)
 
 
-def test_moe_exports_as_one_node():
+@pytest.mark.parametrize("experts", [None, (4, 4)], ids=["E8-all", "E8-range-4+4"])
+def test_moe_exports_as_one_node(experts):
     seed = fresh_seed()
-    _check(Moe(), (torch.randn(12, 32),), ["m3.swiglu_moe.default"], seed)
+    _check(Moe(experts=experts), (torch.randn(12, 32),), ["m3.swiglu_moe.default"], seed)
 
 
 def test_sparse_attention_exports_with_dynamic_lengths():

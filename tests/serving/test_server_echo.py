@@ -20,6 +20,7 @@ pytest.importorskip("tritonclient.grpc")
 
 from m3_trt.serving.client import M3Client, M3ClientError, build_inputs  # noqa: E402
 from m3_trt.serving.server import TritonServer, TritonServerError, find_tritonserver  # noqa: E402
+from proc_util import alive, descendants  # noqa: E402
 
 ECHO_REPO = Path(__file__).parent / "echo_repo"
 
@@ -97,31 +98,6 @@ def test_broken_model_fails_startup_with_its_log(tmp_path):
         TritonServer(repo, startup_timeout_s=60).start()
 
 
-def _descendants(pid: int) -> set[int]:
-    """Live descendant pids of ``pid`` (from /proc; Linux)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.add(child)
-            todo.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 # SIGTERM takes the same handler as SIGINT in serve(); one run of each kind of ending is enough here.
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_serve_command_forwards_signal_and_exits_cleanly(sig):
@@ -146,8 +122,8 @@ def test_serve_command_forwards_signal_and_exits_cleanly(sig):
             out.append(lines.get(timeout=120))
             assert out[-1] is not None, "".join(out[:-1])
         assert M3Client(f"127.0.0.1:{grpc}", "echo_stream").is_ready()
-        family = _descendants(proc.pid)
-        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in family if _alive(p)}
+        family = descendants(proc.pid)
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in family if alive(p)}
         assert "tritonserver" in names and any(n.startswith("triton_python") for n in names), names  # comm: 15 chars
         assert M3Client(f"127.0.0.1:{grpc}", "echo").generate("still here", max_tokens=1).startswith("still here")
         proc.send_signal(sig)
@@ -161,14 +137,14 @@ def test_serve_command_forwards_signal_and_exits_cleanly(sig):
             try:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
-                for pid in [proc.pid, *_descendants(proc.pid)]:
+                for pid in [proc.pid, *descendants(proc.pid)]:
                     os.kill(pid, signal.SIGKILL)
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
         deadline = time.monotonic() + 60
-        while [p for p in family if _alive(p)] and time.monotonic() < deadline:
+        while [p for p in family if alive(p)] and time.monotonic() < deadline:
             time.sleep(0.25)
     else:
         assert proc.returncode == 0, out
         assert "tritonserver exited with code 0" in out
-    assert not [p for p in family if _alive(p)], "tritonserver or a stub outlived m3-trt serve"
+    assert not [p for p in family if alive(p)], "tritonserver or a stub outlived m3-trt serve"

@@ -33,7 +33,8 @@ def test_plugin_node_parses_and_builds_with_soname_shim(trt, tmp_path, op):
     assert report.layer_types.get("PLUGIN_V3") == 1, report.layer_types
     assert (tmp_path / f"{op}.engine").stat().st_size == report.engine_bytes > 0
     # the output shape/dtype come from our get_output_shapes / get_output_data_types callbacks
-    # (the ONNX graph gives the output a type but no shape), e.g. indexer K = the topk attribute
+    # (the ONNX graph gives the output a type but no shape), e.g. indexer K = min(topk, ceil(T / block_size)),
+    # the contract's rule (plugins/indexer_topk/contract.py): dynamic here because T is
     assert [(t.shape, t.dtype) for t in report.outputs] == [(out_shape, out_dtype)]
 
 
@@ -78,7 +79,7 @@ def test_creator_turns_onnx_attributes_into_plugin_state(trt):
         trt.PluginField("block_size", np.array([64], np.int32), trt.PluginFieldType.INT32),
     ])
     plugin = creator.create_plugin("x", fc, trt.TensorRTPhase.BUILD)
-    assert plugin.attrs == {"block_size": 64, "topk": 8, "local_blocks": 1}  # local_blocks: spec default
+    assert plugin.attrs == {"block_size": 64, "topk": 8, "local_blocks": 1}  # local_blocks: contract default
     assert plugin.get_output_data_types([trt.float32, trt.float32, trt.int64]) == [trt.int32]
     clone = plugin.clone()
     assert clone.attrs == plugin.attrs and clone is not plugin

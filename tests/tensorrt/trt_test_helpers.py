@@ -169,7 +169,7 @@ def plugin_cases():
             {"block_size": 16, "topk": 4, "local_blocks": 1},
             {"q_BHSD": ((1, 4, 1, 32), (1, 4, 8, 32), (2, 4, 16, 32)), "k_BTD": ((1, 1, 32), (1, 64, 32), (2, 128, 32)),
              "q_pos_BS": ((1, 1), (1, 8), (2, 16))},
-            ((-1, 4, -1, 4), "INT32"),
+            ((-1, 4, -1, -1), "INT32"),  # K = min(topk, ceil(T / block_size)): dynamic with T
         ),
         "block_sparse_attention": (
             {"q_BHSD": (F, ["B", 8, "S", 32]), "k_BGTD": (F, ["B", 2, "T", 32]), "v_BGTD": (F, ["B", 2, "T", 32]),

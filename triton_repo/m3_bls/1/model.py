@@ -1,11 +1,14 @@
-"""m3_bls (decoupled): preprocessing + BLS call to vision_encoder + generation + detokenisation."""
+"""m3_bls (decoupled): preprocessing + BLS call to vision_encoder + in-flight batched generation + detokenisation."""
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb
 
-from m3_trt.serving.pipeline import Preprocessor, RequestError, load_steps, split_image_rows, text_delta
-from m3_trt.serving.triton_glue import (InterleavedScheduler, error_response, model_parameters, read,
-                                        read_scalar, read_text, sampling_params)
+from m3_trt.serving.batching import GenRequest
+from m3_trt.serving.pipeline import Detokenizer, Preprocessor, RequestError, RequestLimits, load_steps
+from m3_trt.serving.triton_glue import (error_response, llm_scheduler, model_parameters, read_images, read_scalar,
+                                        read_text, sampling_params)
 
 FINAL = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -20,8 +23,11 @@ class TritonPythonModel:
         torch.set_num_threads(int(p.get("torch_threads", "1")))
         self.pre = Preprocessor(p["checkpoint"], max_input_len=int(p["max_input_len"]),
                                 max_input_pixels=int(p["max_input_pixels"]))
-        _, self.generator = load_steps(p)
-        self.scheduler = InterleavedScheduler("m3_bls")
+        self.limits = RequestLimits.from_parameters(p)
+        _, generator = load_steps(p)
+        self.scheduler = llm_scheduler(pb, args, generator)
+        # preprocessing + the vision call run off the execute thread, one request at a time
+        self.prepare = ThreadPoolExecutor(1, thread_name_prefix="m3_bls-prepare")
 
     def _image_embeds(self, enc):
         if not enc["image_grid_thw"].size:
@@ -37,36 +43,45 @@ class TritonPythonModel:
 
     def _submit(self, request):
         sender = request.get_response_sender()
-        try:
-            prompt = read_text(pb, request, "text_input")
-            params = sampling_params(pb, request)
-            stream = read_scalar(pb, request, "stream", False, bool)
-            rows = read(pb, request, "image_bytes_input", required=False)
-            images = split_image_rows(rows) if rows is not None else []
-        except Exception as exc:  # noqa: BLE001
-            sender.send(error_response(pb, exc), flags=FINAL)
-            return
-        tokens = []
-
-        def start():
-            enc = self.pre(prompt, images)
-            return self.generator(enc["input_ids"], self._image_embeds(enc), params)
-
-        def emit(tok):
-            tokens.append(tok)
-            if stream:
-                piece = text_delta(self.pre.processor, tokens, 1, False)
-                if piece:
-                    sender.send(_text(piece))
-
-        def finish():
-            last = text_delta(self.pre.processor, tokens, 0 if stream else len(tokens), True)
-            sender.send(_text(last), flags=FINAL)
 
         def fail(exc):
             sender.send(error_response(pb, exc), flags=FINAL)
 
-        self.scheduler.submit(start, emit, finish, fail)
+        try:
+            prompt = read_text(pb, request, "text_input")
+            params = sampling_params(pb, request)
+            stream = read_scalar(pb, request, "stream", False, bool)
+            images = read_images(pb, request, self.limits, prompt)
+        except Exception as exc:  # noqa: BLE001
+            fail(exc)
+            return
+        detok = Detokenizer(self.pre.processor)
+        tokens = []
+
+        def emit(tok):
+            if stream:
+                piece = detok.push([tok])
+                if piece:
+                    sender.send(_text(piece))
+            else:
+                tokens.append(tok)
+
+        def finish(reason):
+            sender.send(_text(detok.push([], finished=True) if stream else self.pre.processor.decode(tokens)),
+                        flags=FINAL)
+
+        def prepare():
+            try:
+                if request.is_cancelled():
+                    finish("cancelled")
+                    return
+                enc = self.pre(prompt, images)
+                self.scheduler.submit(GenRequest(enc["input_ids"], self._image_embeds(enc), params, emit, finish,
+                                                 fail, cancelled=request.is_cancelled))
+            except Exception as exc:  # noqa: BLE001
+                fail(exc)
+
+        self.prepare.submit(prepare)
 
     def execute(self, requests):
         for request in requests:
@@ -74,4 +89,5 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.prepare.shutdown(wait=True, cancel_futures=True)
         self.scheduler.close()

@@ -1,4 +1,8 @@
-"""postprocessing step: stateless incremental detokenisation (m3_trt.serving.pipeline.text_delta)."""
+"""postprocessing step: the ids window of one llm response -> its new text (m3_trt.serving.pipeline.text_delta).
+
+The llm sends the new ids plus a short context (TokenWindow), so this step is stateless and its
+work per response does not grow with the answer.
+"""
 import numpy as np
 import triton_python_backend_utils as pb
 

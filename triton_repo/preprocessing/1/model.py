@@ -1,9 +1,9 @@
-"""preprocessing step: thin wrapper over m3_trt.serving.pipeline.Preprocessor."""
+"""preprocessing step: thin wrapper over m3_trt.serving.pipeline.Preprocessor (+ RequestLimits)."""
 import numpy as np
 import triton_python_backend_utils as pb
 
-from m3_trt.serving.pipeline import Preprocessor, RequestError, split_image_rows
-from m3_trt.serving.triton_glue import error_response, model_parameters, read, read_scalar, read_text
+from m3_trt.serving.pipeline import Preprocessor, RequestError, RequestLimits
+from m3_trt.serving.triton_glue import error_response, model_parameters, read_images, read_scalar, read_text
 
 
 class TritonPythonModel:
@@ -11,14 +11,14 @@ class TritonPythonModel:
         p = model_parameters(args)
         self.pre = Preprocessor(p["checkpoint"], max_input_len=int(p["max_input_len"]),
                                 max_input_pixels=int(p["max_input_pixels"]))
+        self.limits = RequestLimits.from_parameters(p)
 
     def _one(self, request):
         prompt = read_text(pb, request, "text_input")
         max_tokens = read_scalar(pb, request, "max_tokens", ..., int)
         if max_tokens <= 0:
             raise RequestError(f"max_tokens must be > 0, got {max_tokens}")
-        rows = read(pb, request, "image_bytes_input", required=False)
-        out = self.pre(prompt, split_image_rows(rows) if rows is not None else [])
+        out = self.pre(prompt, read_images(pb, request, self.limits, prompt))
         return pb.InferenceResponse([
             pb.Tensor("input_ids", out["input_ids"][None]),
             pb.Tensor("pixel_values", out["pixel_values"][None]),

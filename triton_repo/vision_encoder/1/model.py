@@ -3,7 +3,7 @@ import torch
 import triton_python_backend_utils as pb
 
 from m3_trt.serving.pipeline import load_steps
-from m3_trt.serving.triton_glue import error_response, model_parameters, read
+from m3_trt.serving.triton_glue import error_response, model_parameters, read, vision_batch_metric
 
 
 class TritonPythonModel:
@@ -11,9 +11,11 @@ class TritonPythonModel:
         p = model_parameters(args)
         torch.set_num_threads(int(p.get("torch_threads", "1")))
         self.encoder, _ = load_steps(p)
+        self.batch_sizes = vision_batch_metric(pb, args)
 
     def execute(self, requests):
         batch = [(read(pb, r, "pixel_values"), read(pb, r, "image_grid_thw")) for r in requests]
+        self.batch_sizes.observe(len(batch))
         try:
             embeds = self.encoder(batch)
         except Exception:  # noqa: BLE001 - one bad request must not fail its batch-mates
