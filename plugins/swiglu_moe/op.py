@@ -22,7 +22,7 @@ def swiglu_moe_triton_lazy(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD
     (token, expert) pairs go through its grouped GEMMs, as ``K = 1`` rows of a gathered ``x``."""
     # Lazy: triton is a heavy optional dependency, and TRITON_INTERPRET is read when the kernel
     # module is first imported. An ImportError here is real and propagates.
-    from .triton_kernel import grouped_swiglu_mlp, swiglu_moe_triton
+    from .triton_kernel import grouped_swiglu_mlp, shared_expert, swiglu_moe_triton
 
     held = local_range(router_w_ED.shape[0], w13_EFD.shape[0], expert_offset, expert_count)
     kw = dict(top_k=top_k, routed_scaling=routed_scaling, alpha=alpha, limit=limit)
@@ -35,12 +35,8 @@ def swiglu_moe_triton_lazy(x_TD, router_w_ED, e_bias_E, w13_EFD, w2_EDF, w13s_FD
                                local_TK[tok_M, slot_M][:, None], alpha=alpha, limit=limit)
     routed = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device).index_add_(0, tok_M, y_M1D[:, 0])
     out = routed.to(x_TD.dtype) * routed_scaling
-    if w13s_FD is not None:  # as the kernel does it: one expert that every token picks with weight 1
-        T = x_TD.shape[0]
-        ones_T1 = torch.ones((T, 1), dtype=torch.float32, device=x_TD.device)
-        zeros_T1 = torch.zeros((T, 1), dtype=torch.int64, device=x_TD.device)
-        shared = grouped_swiglu_mlp(x_TD, w13s_FD[None], w2s_DF[None], ones_T1, zeros_T1, alpha=alpha, limit=limit)
-        out = out + shared[:, 0].to(x_TD.dtype)
+    if w13s_FD is not None:
+        out = out + shared_expert(x_TD, w13s_FD, w2s_DF, alpha=alpha, limit=limit)
     return out
 
 

@@ -209,9 +209,15 @@ def swiglu_moe_triton(
     y_TKD = grouped_swiglu_mlp(x_TD, w13_EFD, w2_EDF, weights_TK, experts_TK, alpha=alpha, limit=limit)
     out = y_TKD.sum(dim=1).to(x_TD.dtype) * routed_scaling
     if w13s_FD is not None:
-        T = x_TD.shape[0]
-        ones = torch.ones((T, 1), dtype=torch.float32, device=x_TD.device)
-        zeros = torch.zeros((T, 1), dtype=torch.int64, device=x_TD.device)
-        shared = grouped_swiglu_mlp(x_TD, w13s_FD[None], w2s_DF[None], ones, zeros, alpha=alpha, limit=limit)
-        out = out + shared[:, 0].to(x_TD.dtype)
+        out = out + shared_expert(x_TD, w13s_FD, w2s_DF, alpha=alpha, limit=limit)
     return out
+
+
+def shared_expert(x_TD: torch.Tensor, w13s_FD: torch.Tensor, w2s_DF: torch.Tensor, *, alpha: float,
+                  limit: float) -> torch.Tensor:
+    """The shared expert through the same grouped GEMMs: one expert every token picks with weight 1."""
+    T = x_TD.shape[0]
+    ones_T1 = torch.ones((T, 1), dtype=torch.float32, device=x_TD.device)
+    zeros_T1 = torch.zeros((T, 1), dtype=torch.int64, device=x_TD.device)
+    y_T1D = grouped_swiglu_mlp(x_TD, w13s_FD[None], w2s_DF[None], ones_T1, zeros_T1, alpha=alpha, limit=limit)
+    return y_T1D[:, 0].to(x_TD.dtype)

@@ -28,7 +28,7 @@ pytest.importorskip("tritonclient.grpc")
 
 from m3_trt.serving.client import M3Client  # noqa: E402
 from m3_trt.serving.server import ADMIN_HEADER, TritonServer, TritonServerError, free_port, is_loopback  # noqa: E402
-from proc_util import alive, descendants  # noqa: E402
+from proc_util import alive, descendants, stop_tree  # noqa: E402
 
 ECHO_REPO = Path(__file__).parent / "echo_repo"
 KEY = "operator-secret-123"
@@ -82,13 +82,7 @@ def served(tmp_path_factory):
             assert out[-1] is not None, "".join(out[:-1])
         yield dict(proc=proc, ports=ports, tmpdir=tmpdir, out=out, family=descendants(proc.pid) | {proc.pid})
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                for pid in [proc.pid, *descendants(proc.pid)]:
-                    os.kill(pid, signal.SIGKILL)
+        stop_tree(proc)
 
 
 def _http(port: int, method: str, path: str, headers: dict | None = None) -> tuple[int, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import os
 import queue
 import signal
 import subprocess
@@ -20,7 +19,7 @@ pytest.importorskip("tritonclient.grpc")
 
 from m3_trt.serving.client import M3Client, M3ClientError, build_inputs  # noqa: E402
 from m3_trt.serving.server import TritonServer, TritonServerError, find_tritonserver  # noqa: E402
-from proc_util import alive, descendants  # noqa: E402
+from proc_util import alive, descendants, stop_tree  # noqa: E402
 
 ECHO_REPO = Path(__file__).parent / "echo_repo"
 
@@ -132,13 +131,7 @@ def test_serve_command_forwards_signal_and_exits_cleanly(sig):
             out.append(line)
         out = "".join(out)
     finally:
-        if proc.poll() is None:  # the test failed early: still leave no server behind
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                for pid in [proc.pid, *descendants(proc.pid)]:
-                    os.kill(pid, signal.SIGKILL)
+        stop_tree(proc)  # the test failed early: still leave no server behind
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
         deadline = time.monotonic() + 60
