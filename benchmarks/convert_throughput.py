@@ -5,7 +5,7 @@ temp dir on the same disk as the output, then runs ``--rounds`` rounds (default 
 
 * **cold read**: every file's pages evicted (``posix_fadvise(DONTNEED)``), then plain ``readinto``
   in 16 MiB chunks, one file after the other — the machine's plain file-read speed from disk;
-* **cold conversion**: source pages evicted again, then ``m3_trt.quant.convert_shards_fp8`` in a
+* **cold conversion**: source pages evicted again, then ``m3_trt.quant.encode.convert_shards_fp8`` in a
   child process that does nothing else (imports, converts, exits). Its peak RSS is the child's own
   ``VmHWM`` (``/proc/self/status``), read right after its imports and after converting, so the
   conversion's own share (peak - baseline) is shown beside the whole-process figure;
@@ -41,7 +41,7 @@ from pathlib import Path
 CHILD = r"""
 import json, sys, time
 import torch
-from m3_trt.quant import convert_shards_fp8
+from m3_trt.quant.encode import convert_shards_fp8
 def hwm():  # this process's own peak RSS (KiB); ru_maxrss would include the forking parent's
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = hwm()
@@ -91,7 +91,7 @@ def quantize_only(x_RC, threads: int, repeats: int = 3) -> float:
 
     import torch
 
-    from m3_trt.quant_convert import _SUB_BYTES, E4M3, _RowQuantizer
+    from m3_trt.quant.encode import _SUB_BYTES, E4M3, _RowQuantizer
 
     rows, cols = x_RC.shape
     sub = _SUB_BYTES // (cols * x_RC.element_size())
@@ -159,11 +159,11 @@ def main(total_gb: float = 2.0, n_shards: int = 4, tensor_mb: int = 64, rounds: 
         peak_mib = max(c["peak_rss_kib"] for c in children) / 1024
         base_mib = min(c["baseline_rss_kib"] for c in children) / 1024
         extra_mib = max(c["peak_rss_kib"] - c["baseline_rss_kib"] for c in children) / 1024
-        from m3_trt.quant_convert import _c_kernel
+        from m3_trt.quant.encode import _c_kernel
 
         res = {
             "host": socket.gethostname(), "cpu": platform.processor() or platform.machine(),
-            "quantize_kernel": "fused C (m3_trt.quant_convert._c_kernel)" if _c_kernel() else "torch div + cast",
+            "quantize_kernel": "fused C (m3_trt.quant.encode._c_kernel)" if _c_kernel() else "torch div + cast",
             "cores": os.cpu_count(), "load_average_1_5_15_before": load_before,
             "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
             "method": f"{rounds} rounds of (evict, cold read, evict, cold convert, warm read, warm convert); "

@@ -58,8 +58,8 @@ def _build(side: str, work: Path, threads: int):
     raw = json.loads((work / "config.json").read_text())
     state = torch.load(work / "weights.pt", weights_only=True)
     if side == "ours":
-        from m3_trt.config import M3Config
-        from m3_trt.model import M3ForConditionalGeneration
+        from m3_trt.model.config import M3Config
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         model = M3ForConditionalGeneration(M3Config.from_dict(raw)).eval().set_kernels("torch")
     else:

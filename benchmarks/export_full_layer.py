@@ -31,10 +31,10 @@ def rss_peak_gib() -> float:
 
 
 def main() -> None:
-    from m3_trt.config import full_size
+    from m3_trt.model.config import full_size
     from m3_trt.export.onnx import exporter as E
     from m3_trt.export.onnx.components import DecoderLayerComponent
-    from m3_trt.model import DecoderLayer
+    from m3_trt.model.modeling import DecoderLayer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--max-seq-len", type=int, default=4096)

@@ -4,7 +4,7 @@ layer half of ``scripts/gpu_check.sh``, which also writes the run's one-screen s
     bash scripts/gpu_check.sh [--out DIR] [--dry-run]
     python benchmarks/gpu_layer.py --out DIR [--dry-run]      (PYTHONPATH as the script sets it)
 
-The layer is ``m3_trt.model.DecoderLayer`` at the full-size dimensions (``config.full_size``:
+The layer is ``m3_trt.model.modeling.DecoderLayer`` at the full-size dimensions (``config.full_size``:
 hidden 6144, 64/4 heads, d128, indexer 4x128 with block 128 / top-16 / local 1, 128 experts
 top-4 + shared expert, intermediate 3072), built on the device in bf16 with fan-in-scaled random
 weights (~14.8 GB). It runs twice per measurement: ``kernels="triton"`` (the Triton kernels) and
@@ -37,9 +37,9 @@ from gpu_common import (SEED_DECODE_TOK_S, Profile, Steps, Timer, copy_bandwidth
 from gpu_summary import write_summary
 from tolerances import TOLERANCES, rel_err
 
-from m3_trt.cache import LayerCache
-from m3_trt.config import TextConfig, full_size, tiny
-from m3_trt.model import DecoderLayer, rope_cos_sin
+from m3_trt.model.cache import LayerCache
+from m3_trt.model.config import TextConfig, full_size, tiny
+from m3_trt.model.modeling import DecoderLayer, rope_cos_sin
 
 LAYERS = 60
 # Paper projection for 8xB200 (stated, not measured).

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from m3_trt import config as cfgmod
-from m3_trt.checkpoint import original_layout, write_sharded
-from m3_trt.model import M3ForConditionalGeneration
+from m3_trt.model import config as cfgmod
+from m3_trt.model.checkpoint import original_layout, write_sharded
+from m3_trt.model.modeling import M3ForConditionalGeneration
 
 # Runs argv[1:] and prints its peak RSS (KiB). The build is the child of this small process: a
 # child's ru_maxrss includes the RSS of the process it was (v)forked from (here: the one that drew
@@ -69,7 +69,7 @@ def make_checkpoint(out: Path, layers: int, hidden: int, experts: int, inter: in
 
 
 def run_build(ckpt: Path, target: str, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "m3_trt.cli", "build-engine", str(ckpt), "--target", target, "--out", str(out),
+    cmd = [sys.executable, "-m", "m3_trt.cli.main", "build-engine", str(ckpt), "--target", target, "--out", str(out),
            "--no-progress", *TARGET_SETS.get(target, [])]
     t0 = time.perf_counter()
     p = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="m3-scale-", dir=a.out.parent if a.full_width else None) as tmp:
         for n in a.layers:
             if a.full_width:
-                from m3_trt.synthetic import make_synthetic
+                from m3_trt.checkpoints.synthetic import make_synthetic
 
                 ckpt = Path(tmp) / f"ckpt{n}"
                 make_synthetic(ckpt, preset="m3", layers=n, fmt="mxfp8")

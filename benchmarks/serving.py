@@ -127,10 +127,10 @@ def mid_checkpoint(out: Path, seed: int = 0) -> Path:
 
     import torch
 
-    from m3_trt.checkpoint import original_layout, write_sharded
-    from m3_trt.config import M3Config
-    from m3_trt.model import M3ForConditionalGeneration
-    from m3_trt.tiny import _init_weights, make_tiny
+    from m3_trt.model.checkpoint import original_layout, write_sharded
+    from m3_trt.model.config import M3Config
+    from m3_trt.model.modeling import M3ForConditionalGeneration
+    from m3_trt.checkpoints.tiny import _init_weights, make_tiny
 
     tiny = make_tiny(out.parent / f"{out.name}-tokenizer", seed=seed)
     hf = json.loads((tiny / "config.json").read_text())
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from m3_trt.demo import demo_image_png
+    from m3_trt.processing.samples import demo_image_png
     from m3_trt.serving.client import M3Client
     from m3_trt.serving.pipeline import Preprocessor, SamplingParams, generate_in_process, load_steps
     from m3_trt.serving.repository import write_repository
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="m3-serving-bench-"))
     ckpt = args.ckpt
     if ckpt is None:
-        from m3_trt.tiny import make_tiny
+        from m3_trt.checkpoints.tiny import make_tiny
 
         ckpt = make_tiny(tmp / "tiny", seed=0) if args.model == "tiny" else mid_checkpoint(tmp / "mid")
     image = demo_image_png()
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
                       f"absolute figures are noisy, compare paths measured back to back"
                       if max(load_start[0], load_end[0]) > 0.5 * (os.cpu_count() or 1) else "quiet"),
         "notes": [
-            "in-process: one request at a time through m3_trt.generate (the unbatched reference path), one thread",
+            "in-process: one request at a time through m3_trt.model.generate (the unbatched reference path), one thread",
             "unbatched: the llm step's KV pool has one slot (max_batch_size 1): requests queue and run alone",
             "onnxruntime sessions use one intra-op thread per step (torch_threads), both paths alike",
         ],

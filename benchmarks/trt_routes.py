@@ -47,8 +47,8 @@ def main(argv=None) -> int:
     from m3_trt.export.tensorrt import backend_name
     from m3_trt.export.tensorrt.network_model import build_network_engines
     from m3_trt.export.tensorrt_build import build_engines
-    from m3_trt.model import M3ForConditionalGeneration
-    from m3_trt.tiny import make_tiny
+    from m3_trt.model.modeling import M3ForConditionalGeneration
+    from m3_trt.checkpoints.tiny import make_tiny
 
     print(f"[trt_routes] fp16, max_seq_len={args.max_seq_len}, max_batch={args.max_batch}, backend={backend_name()}")
     with tempfile.TemporaryDirectory(prefix="trt_routes_") as tmp:

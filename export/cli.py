@@ -9,10 +9,10 @@ from pathlib import Path
 def cmd_export(*, ckpt: Path, out: Path, dtype: str, plugins: str, max_seq_len: int, max_batch: int,
                verify: bool, tensorrt: bool, quant: str = "none", calib: Path | None = None,
                overwrite: bool = False) -> int:
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
     from m3_trt.outputs import ONNX_EXPORT, check_output
 
-    from .onnx import export_model
+    from m3_trt.export.onnx import export_model
 
     check_output(out, stage=ONNX_EXPORT, inputs=[ckpt, calib], overwrite=overwrite)  # before any work
     cfg = M3Config.from_pretrained(ckpt)  # validate before any work
@@ -26,7 +26,7 @@ def cmd_export(*, ckpt: Path, out: Path, dtype: str, plugins: str, max_seq_len: 
         print("export: verification FAILED (see manifest.json 'verify')")
         return 1
     if tensorrt:
-        from .tensorrt_build import build_engines
+        from m3_trt.export.tensorrt_build import build_engines
 
         report = build_engines(out, dtype=dtype)
         return 0 if all(r["ok"] for r in report.values()) else 1

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .onnx.runtime import OnnxModel
+from m3_trt.export.onnx.runtime import OnnxModel
 
 
 class OnnxCompareRunner:

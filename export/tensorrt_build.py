@@ -60,7 +60,7 @@ def graph_for(export_dir: Path, graph_file: str, data_file: str | None, name: st
 def build_engines(export_dir: str | Path, *, dtype: str | None = None, only: list[str] | None = None,
                   timeout_s: float = 600.0, progress=print) -> dict[str, dict]:
     """Build one engine per component (and per decoder layer); returns name -> BuildReport dict."""
-    from .tensorrt import build_in_subprocess
+    from m3_trt.export.tensorrt import build_in_subprocess
 
     export_dir = Path(export_dir)
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -79,7 +79,7 @@ def build_engines(export_dir: str | Path, *, dtype: str | None = None, only: lis
             with graph_for(export_dir, comp["file"], None if data == own else data, name) as onnx_path:
                 rep = build_in_subprocess(onnx_path, engines / f"{name}.plan", profiles=profile_for(comp, manifest),
                                           dtype=dtype, plugins=plugins, timeout_s=timeout_s)
-            reports[name] = _relative(rep.to_dict(), export_dir)
+            reports[name] = relative_report(rep.to_dict(), export_dir)
             if progress:
                 status = f"ok, {rep.to_dict().get('engine_bytes', 0)} bytes" if rep.ok else f"FAILED: {rep.error}"
                 progress(f"[tensorrt] {name}: {status} ({rep.seconds:.1f}s)")
@@ -87,7 +87,7 @@ def build_engines(export_dir: str | Path, *, dtype: str | None = None, only: lis
     return reports
 
 
-def _relative(report: dict, root: Path) -> dict:
+def relative_report(report: dict, root: Path) -> dict:
     """Engine paths relative to the export folder: builds are written in a temporary folder and
     renamed into place, so an absolute path would point at the folder that no longer exists."""
     path = report.get("engine_path")

@@ -1,5 +1,5 @@
 """The operators of m3-trt, by name: the one list that the ONNX side (``onnx_ops.py``), the
-TensorRT creators (``export/tensorrt/plugins.py``) and the model's dispatch (``m3_trt.model``)
+TensorRT creators (``export/tensorrt/plugins.py``) and the model's dispatch (``m3_trt.model.modeling``)
 iterate over. A new operator is a new folder (contract, reference, implementations, ``op.py``,
 ``OPERATOR`` in its ``__init__``) plus one line here.
 """

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/tolerances.py and helper
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from m3_trt.tiny import make_tiny
+    from m3_trt.checkpoints.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
 

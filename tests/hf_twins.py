@@ -31,8 +31,8 @@ def make_pair(text_overrides: dict | None = None, seed: int = 0):
     """(transformers model, our model), fp32, eval, identical weights (norms and biases randomised)."""
     from transformers import MiniMaxM3SparseForConditionalGeneration
 
-    from m3_trt.config import M3Config
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.config import M3Config
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = hf_config(text_overrides)

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tolerances import assert_close
 
-from m3_trt.checkpoint import CheckpointError, SafetensorsCheckpoint, dequantize_fp8, load_into
-from m3_trt.model import M3ForConditionalGeneration
+from m3_trt.model.checkpoint import CheckpointError, SafetensorsCheckpoint, dequantize_fp8, load_into
+from m3_trt.model.modeling import M3ForConditionalGeneration
 
 
 def _copy(src, dst):

@@ -58,8 +58,8 @@ def test_tensor_metrics_hand_computed():
 
 
 def test_fp8_fake_quant_error_within_e4m3_step():
-    """The emulation compare uses (m3_trt.quant) rounds within half an E4M3 mantissa step."""
-    from m3_trt.quant import qdq_act, qdq_weight
+    """The emulation compare uses (m3_trt.quant.fp8) rounds within half an E4M3 mantissa step."""
+    from m3_trt.quant.fp8 import qdq_act, qdq_weight
 
     w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
     q = qdq_weight(w)
@@ -100,7 +100,7 @@ def test_report_json_lists_every_layer_and_png_has_expected_size(transformers_ru
     from PIL import Image
 
     from m3_trt.compare.report import PLOT_SIZE_PX
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
 
     _, rep, _, out = transformers_run
     cfg = M3Config.from_pretrained(tiny_ckpt)
@@ -189,7 +189,7 @@ def test_missing_runtime_backend_says_what_it_needs(tmp_path):
 
 
 def test_intercept_restores_dispatch_after_error():
-    import m3_trt.model as model_mod
+    import m3_trt.model.modeling as model_mod
     from m3_trt.compare.intercept import record_block_choices
 
     before = model_mod._op
@@ -202,7 +202,7 @@ def test_intercept_restores_dispatch_after_error():
 
 def test_prompts_file_resolves_images_against_images_dir(tmp_path):
     from m3_trt.compare.inputs import load_prompts
-    from m3_trt.demo import demo_image_png
+    from m3_trt.processing.samples import demo_image_png
 
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "a.png").write_bytes(demo_image_png())

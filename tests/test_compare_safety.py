@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from m3_trt.checkpoint import CheckpointError
+from m3_trt.model.checkpoint import CheckpointError
 from m3_trt.compare.cli import cmd_compare
 from m3_trt.outputs import OutputError
 
@@ -36,7 +36,7 @@ class _Payload:
 
 
 def test_transformers_backend_refuses_a_pickle_only_folder_without_unpickling(tiny_ckpt, tmp_path):
-    from m3_trt.cli import main
+    from m3_trt.cli.main import main
 
     folder = tmp_path / "pickled"
     folder.mkdir()

@@ -7,7 +7,7 @@ import json
 import pytest
 from hf_twins import hf_config
 
-from m3_trt.config import ConfigError, ConfigNote, M3Config, full_size, tiny
+from m3_trt.model.config import ConfigError, ConfigNote, M3Config, full_size, tiny
 
 
 def test_reads_transformers_config_dict():

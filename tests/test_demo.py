@@ -11,7 +11,7 @@ pytest.importorskip("pytriton")
 
 
 def test_demo_runs_every_stage_and_comparisons_pass(tmp_path, capsys):
-    from m3_trt.demo import run_demo
+    from m3_trt.cli.demo import run_demo
 
     rc = run_demo(tmp_path / "demo", max_tokens=6)
     out = capsys.readouterr().out

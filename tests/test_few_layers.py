@@ -8,7 +8,7 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from m3_trt.cli import main
+from m3_trt.cli.main import main
 from m3_trt.compare.few_layers import run_first_layers
 from m3_trt.compare.tolerances import FEW_LAYER_COS_MIN, FEW_LAYER_REL_MAX
 

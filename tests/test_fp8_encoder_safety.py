@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3_trt import quant_convert as qc
+from m3_trt.quant import encode as qc
 
 CC = shutil.which(os.environ.get("CC", "cc"))
 pytestmark = pytest.mark.skipif(CC is None, reason="needs a C compiler (the encoder and the planted library)")

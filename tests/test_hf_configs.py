@@ -131,7 +131,7 @@ def _logits(model, ids, vision, hf: bool):
 
 @pytest.mark.parametrize("name", list(CONFIGS), ids=list(CONFIGS))
 def test_save_pretrained_config_loads_with_equal_logits(name, tmp_path):
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     print(f"config {name}: {json.dumps(CONFIGS[name]['text_config'], sort_keys=True)}")
     hf = _build_and_save(name, tmp_path / "hf")
@@ -167,7 +167,7 @@ def test_generator_covers_the_features():
 
 def _negative_pair(tmp_path):
     """A drawn config whose stated rotary_dim disagrees with its factor, saved, and ours loaded."""
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     def widths(n):  # (head_dim, rotated width) from the test id
         return tuple(int(n.split(f"-{tag}")[1].split("-")[0]) for tag in ("d", "rot"))
@@ -182,7 +182,7 @@ def _negative_pair(tmp_path):
 
 
 def test_negative_controls_wrong_rotary_width_and_one_flipped_weight(tmp_path):
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     name, hf, ours, ids, ref = _negative_pair(tmp_path)
     tol = TOLERANCES[("parity_transformers", "fp32")]

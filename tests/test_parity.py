@@ -131,7 +131,7 @@ def test_negative_control_off_by_one_local_block_detected():
 
 
 def test_save_pretrained_checkpoint_loads_unchanged(tmp_path):
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     hf, _ = make_pair(CONFIGS["gqa2-blk4-top3-local2"], seed=7)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
@@ -147,7 +147,7 @@ def test_save_pretrained_checkpoint_loads_unchanged(tmp_path):
 def test_tiny_checkpoint_matches_transformers_from_pretrained(tiny_ckpt):
     from transformers import MiniMaxM3SparseForConditionalGeneration
 
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     hf = MiniMaxM3SparseForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
     ours = M3ForConditionalGeneration.from_pretrained(tiny_ckpt)

@@ -1,4 +1,4 @@
-"""m3_trt.processing / m3_trt.tiny_tokenizer against transformers 5.23's MiniMaxM3VLProcessor.
+"""m3_trt.processing / m3_trt.checkpoints.tiny_tokenizer against transformers 5.23's MiniMaxM3VLProcessor.
 
 Reference: `transformers.AutoProcessor.from_pretrained(dir)` on the files `write_tiny_tokenizer`
 writes. Pixels are judged by relative error (tolerances.py, parity_transformers/fp32) with max-abs
@@ -29,7 +29,7 @@ from m3_trt.processing import (
     resize_bicubic,
     smart_resize,
 )
-from m3_trt.tiny_tokenizer import write_tiny_tokenizer
+from m3_trt.checkpoints.tiny_tokenizer import write_tiny_tokenizer
 from tolerances import TOLERANCES, max_abs, rel_err
 
 TOL = TOLERANCES[("parity_transformers", "fp32")]
@@ -71,7 +71,7 @@ def _assert_pixels_equal(out: torch.Tensor, ref: torch.Tensor, what: str) -> Non
 
 
 def test_tiny_tokenizer_is_deterministic_across_processes(tmp_path, tok_dir):
-    code = "import sys; from pathlib import Path; from m3_trt.tiny_tokenizer import write_tiny_tokenizer as w; w(Path(sys.argv[1]))"
+    code = "import sys; from pathlib import Path; from m3_trt.checkpoints.tiny_tokenizer import write_tiny_tokenizer as w; w(Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
     names = sorted(p.name for p in tok_dir.iterdir())
     assert names == sorted(p.name for p in tmp_path.iterdir())

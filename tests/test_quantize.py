@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tolerances import TOLERANCES, assert_close, rel_err
 
-from m3_trt.checkpoint import SCALE_SUFFIX, SafetensorsCheckpoint, dequantize_fp8
-from m3_trt.model import M3ForConditionalGeneration
+from m3_trt.model.checkpoint import SCALE_SUFFIX, SafetensorsCheckpoint, dequantize_fp8
+from m3_trt.model.modeling import M3ForConditionalGeneration
 from m3_trt.outputs import OutputError
-from m3_trt.plan import is_fp8_weight
-from m3_trt.quantize import QUANTIZERS, QuantizeError, quantize_checkpoint, quantize_fp8_block, quantize_mxfp8
+from m3_trt.quant.fp8 import is_fp8_weight
+from m3_trt.quant.quantize import QUANTIZERS, QuantizeError, quantize_checkpoint, quantize_fp8_block, quantize_mxfp8
 
 FORMATS = ("mxfp8", "fp8-block")
 IDS = torch.randint(0, 1000, (1, 60), generator=torch.Generator().manual_seed(0))  # 4 key blocks of 16, top-3

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from m3_trt.checkpoint import CheckpointError, SafetensorsCheckpoint
-from m3_trt.model import M3ForConditionalGeneration
+from m3_trt.model.checkpoint import CheckpointError, SafetensorsCheckpoint
+from m3_trt.model.modeling import M3ForConditionalGeneration
 
 KEY = "language_model.model.layers.1.self_attn.q_proj.weight"
 INDEX = "model.safetensors.index.json"

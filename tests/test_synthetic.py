@@ -11,10 +11,10 @@ import pytest
 import torch
 from tolerances import TOLERANCES, assert_close, rel_err
 
-from m3_trt.checkpoint import SCALE_SUFFIX, SafetensorsCheckpoint
-from m3_trt.model import M3ForConditionalGeneration
+from m3_trt.model.checkpoint import SCALE_SUFFIX, SafetensorsCheckpoint
+from m3_trt.model.modeling import M3ForConditionalGeneration
 from m3_trt.outputs import OutputError
-from m3_trt.synthetic import layer_pattern, make_synthetic
+from m3_trt.checkpoints.synthetic import layer_pattern, make_synthetic
 
 LAYERS = 4  # full-dense, sparse-dense, sparse-moe, sparse-moe
 
@@ -99,8 +99,8 @@ def test_refuses_a_folder_that_is_not_ours(tmp_path):
 
 MEMORY_CHILD = textwrap.dedent("""
     import json, resource, sys
-    from m3_trt import synthetic
-    from m3_trt.tiny_tokenizer import write_tiny_tokenizer
+    from m3_trt.checkpoints import synthetic
+    from m3_trt.checkpoints.tiny_tokenizer import write_tiny_tokenizer
 
     ids = write_tiny_tokenizer(sys.argv[2])
     synthetic.tensor_specs(synthetic.preset_config("medium", 3, ids))  # imports + one meta model: the fixed cost

@@ -28,7 +28,7 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("wheel")
     dist, target, src = tmp / "dist", tmp / "site", tmp / "src"
     # build from a copy: an in-tree setuptools build would leave build/ and *.egg-info in the checkout
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in ("m3_trt", "plugins", "export", "engines", "triton_repo"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
@@ -51,7 +51,7 @@ def test_wheel_carries_targets_and_templates(installed, tmp_path):
                  "m3_trt/triton_repo/llm/1/model.py", "m3_trt/triton_repo/ensemble/config.pbtxt"):
         assert want in names, f"{want} missing from the wheel"
     # negative control: the source tree's folders are not what the installed code reads
-    r = _run([sys.executable, "-c", "import m3_trt, m3_trt.targets as t, m3_trt.serving.repository as r; "
+    r = _run([sys.executable, "-c", "import m3_trt, m3_trt.build.targets as t, m3_trt.serving.repository as r; "
               "print(m3_trt.__file__); print(t.TARGETS_DIR); print(r.TEMPLATES)"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     for line in r.stdout.split():
@@ -60,7 +60,7 @@ def test_wheel_carries_targets_and_templates(installed, tmp_path):
 
 def test_wheel_commands_run(installed, tmp_path):
     target, env = installed
-    cli = [sys.executable, "-m", "m3_trt.cli"]
+    cli = [sys.executable, "-m", "m3_trt.cli.main"]
     r = _run(cli + ["build-engine", "--list-targets"], env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     listed = {line.split()[0] for line in r.stdout.splitlines() if line.strip()}

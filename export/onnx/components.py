@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from m3_trt.cache import LayerCache
-from m3_trt.model import DecoderLayer, M3ForConditionalGeneration, rope_cos_sin
+from m3_trt.model.cache import LayerCache
+from m3_trt.model.modeling import DecoderLayer, M3ForConditionalGeneration, rope_cos_sin
 
 
 class Embedding(nn.Module):

@@ -1,6 +1,6 @@
 """FP8 (E4M3) export: Q/DQ pairs in the ONNX graphs, so TensorRT can run FP8 GEMMs.
 
-The quantization is the one ``m3-trt build-engine`` uses (``m3_trt.quant``): decoder-layer
+The quantization is the one ``m3-trt build-engine`` uses (``m3_trt.quant.fp8``): decoder-layer
 weights (attention, indexer projections, dense MLPs, shared and routed experts; never the
 router) become E4M3 codes with one fp32 scale per output channel (or the checkpoint's own block
 scales — not yet threaded through here, see the README); the inputs of every quantized linear
@@ -115,9 +115,9 @@ def fp8_model(model, calib_inputs: list[dict]) -> tuple[nn.Module, dict[str, flo
     Returns ``(model, act_amax)``; ``act_amax`` maps each quantized weight to the largest input
     magnitude seen on ``calib_inputs`` (the scale is ``amax / 448``).
     """
-    from m3_trt.model import MoE
-    from m3_trt.plan import is_fp8_weight
-    from m3_trt.quant import calibrate
+    from m3_trt.model.modeling import MoE
+    from m3_trt.quant.fp8 import is_fp8_weight
+    from m3_trt.quant.fp8 import calibrate
 
     observed = copy.deepcopy(model).float()
     emu = calibrate(observed, calib_inputs)

@@ -57,7 +57,7 @@ class OnnxModel:
         """``threads``: intra-op threads per session (None: ONNX Runtime's default, all cores)."""
         import onnxruntime as ort
 
-        from m3_trt.config import M3Config
+        from m3_trt.model.config import M3Config
 
         self.dir = Path(export_dir)
         self.manifest = json.loads((self.dir / "manifest.json").read_text())
@@ -91,7 +91,7 @@ class OnnxModel:
         """``(vision tower output [N, Dv], image tokens [N/merge², D])``."""
         import torch
 
-        from m3_trt.vision import vision_position_ids, vision_segment_ids
+        from m3_trt.model.vision import vision_position_ids, vision_segment_ids
 
         grid = torch.as_tensor(np.asarray(image_grid_thw)).reshape(-1, 3)
         pos = vision_position_ids(grid, self.config.vision.spatial_merge_size).numpy()

@@ -13,8 +13,8 @@ import torch
 
 from m3_trt.tolerances import TOLERANCES
 
-from .exporter import component_specs, example_inputs
-from .runtime import layer_model, session_options
+from m3_trt.export.onnx.specs import component_specs, example_inputs
+from m3_trt.export.onnx.runtime import layer_model, session_options
 
 # The error each dtype is allowed: the project's one table, stage 'onnx_component'.
 TOLERANCE = {dt: TOLERANCES[("onnx_component", dt)] for dt in ("fp32", "fp16", "bf16")}
@@ -51,7 +51,7 @@ class Verifier:
             else:
                 sess = ort.InferenceSession(layer_model(out, comp["file"], comp["layers"][str(layer)])
                                             .SerializeToString(), self.so)
-                from .components import DecoderLayerComponent
+                from m3_trt.export.onnx.components import DecoderLayerComponent
 
                 module = DecoderLayerComponent(self.model, layer)
             for case, kw in cases.items():

@@ -6,9 +6,9 @@ Works with the standard ``tensorrt`` package where installed and with TensorRT-R
 What TensorRT-RTX 1.7.1 can and cannot do on a CPU-only machine is in docs/tensorrt_rtx.md.
 """
 
-from ._trt import TensorRTUnavailable, backend_name, import_trt, trt_available, trt_unavailable_reason
-from .builder import BuildReport, TensorInfo, build_engine_from_onnx, try_deserialize
-from .subprocess_build import build_in_subprocess
+from m3_trt.export.tensorrt._trt import TensorRTUnavailable, backend_name, import_trt, trt_available, trt_unavailable_reason
+from m3_trt.export.tensorrt.builder import BuildReport, TensorInfo, build_engine_from_onnx, try_deserialize
+from m3_trt.export.tensorrt.subprocess_build import build_in_subprocess
 
 __all__ = [
     "BuildReport",

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from ._trt import backend_name, import_trt
+from m3_trt.export.tensorrt._trt import backend_name, import_trt
 
 Shape = Sequence[int]
 ProfileSpec = Mapping[str, tuple[Shape, Shape, Shape]]
@@ -281,7 +281,7 @@ def build_engine_from_onnx(
     logger = _make_logger(trt, log)
 
     if plugin_creators:
-        from .plugins import register_creators
+        from m3_trt.export.tensorrt.plugins import register_creators
 
         register_creators(trt, plugin_creators)
 

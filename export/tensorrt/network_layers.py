@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ._trt import backend_name, import_trt
-from .builder import (
+from m3_trt.export.tensorrt._trt import backend_name, import_trt
+from m3_trt.export.tensorrt.builder import (
     BuildReport,
     _make_logger,
     apply_profiles,

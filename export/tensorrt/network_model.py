@@ -327,7 +327,7 @@ def profiles_for(report_inputs: list, max_batch: int, max_seq_len: int, opt_seq:
 def build_one(model, name: str, engine_path, *, dtype: str, max_batch: int, max_seq_len: int,
               num_heads: int | None = None, timeout_s: float | None = None):
     """Write component ``name`` ('embedding' | 'layer_<i>' | 'head') and build it in this process."""
-    from .network_layers import LayerWriter
+    from m3_trt.export.tensorrt.network_layers import LayerWriter
 
     w = LayerWriter.create()
     t0 = time.monotonic()
@@ -336,7 +336,7 @@ def build_one(model, name: str, engine_path, *, dtype: str, max_batch: int, max_
     else:
         {"embedding": write_embedding, "head": write_head}[name](w, model, dtype)
     write_s = time.monotonic() - t0
-    from .builder import tensor_infos
+    from m3_trt.export.tensorrt.builder import tensor_infos
 
     report = w.build(engine_path, profiles=profiles_for(tensor_infos(w.net, "inputs"), max_batch, max_seq_len),
                      timeout_s=timeout_s)
@@ -348,7 +348,7 @@ def shadow_run(model, name: str, feeds: dict, *, dtype: str, max_seq_len: int,
                num_heads: int | None = None) -> dict:
     """Run component ``name``'s network-writing code on the torch shadow network (``network_shadow``)
     with ``feeds`` (input name -> tensor); returns output name -> tensor."""
-    from .network_shadow import shadow_writer
+    from m3_trt.export.tensorrt.network_shadow import shadow_writer
 
     w = shadow_writer(feeds)
     if name.startswith("layer_"):
@@ -392,7 +392,7 @@ def build_network_engines(model, out_dir, *, dtype: str = "fp16", max_batch: int
 
 
 def import_trt_or_raise():
-    from ._trt import import_trt
+    from m3_trt.export.tensorrt._trt import import_trt
 
     return import_trt()
 
@@ -420,8 +420,8 @@ class _ModelHandoff:
 def load_handoff(path: str | Path):
     import torch
 
-    from m3_trt.config import M3Config
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.config import M3Config
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     blob = torch.load(path, weights_only=True)
     with torch.device("meta"):
@@ -441,7 +441,7 @@ def build_in_child(handoff: "_ModelHandoff", name: str, engine_path, *, dtype: s
     import sys
     import tempfile
 
-    from .builder import BuildReport
+    from m3_trt.export.tensorrt.builder import BuildReport
 
     spec = dict(model=str(handoff.path), name=name, engine_path=str(engine_path), dtype=dtype, max_batch=max_batch,
                 max_seq_len=max_seq_len, num_heads=num_heads, timeout_s=timeout_s)
@@ -461,7 +461,7 @@ def build_in_child(handoff: "_ModelHandoff", name: str, engine_path, *, dtype: s
 
 
 def _child_main(spec_file: str, report_file: str) -> int:
-    from .builder import BuildReport
+    from m3_trt.export.tensorrt.builder import BuildReport
 
     spec = json.loads(Path(spec_file).read_text())
     model = load_handoff(spec["model"])

@@ -279,8 +279,8 @@ class ShadowNetwork:
 
 def shadow_writer(feeds: Mapping[str, Any]):
     """A ``LayerWriter`` over a ``ShadowNetwork`` fed with ``feeds`` (input name → tensor)."""
-    from ._trt import import_trt
-    from .network_layers import LayerWriter
+    from m3_trt.export.tensorrt._trt import import_trt
+    from m3_trt.export.tensorrt.network_layers import LayerWriter
 
     trt = import_trt()
     w = LayerWriter.__new__(LayerWriter)

@@ -28,9 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ._trt import import_trt
-from .builder import BuildReport, build_engine_from_onnx
-from .plugins import SPECS, m3_creators
+from m3_trt.export.tensorrt._trt import import_trt
+from m3_trt.export.tensorrt.builder import BuildReport, build_engine_from_onnx
+from m3_trt.export.tensorrt.plugins import SPECS, m3_creators
 
 RTX_LIB = "libtensorrt_rtx.so"
 

@@ -30,11 +30,12 @@ from typing import Protocol
 
 import torch
 
-from m3_trt.checkpoint import CheckpointError, read_weight_map
+from m3_trt.model.checkpoint import CheckpointError, read_weight_map
+from m3_trt.model.modeling import DTYPES as MODEL_DTYPES
 
-from .inputs import Sample
+from m3_trt.compare.inputs import Sample
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {k: MODEL_DTYPES[k] for k in ("fp32", "bf16")}  # compare runs the reference in these two
 
 
 class BackendUnavailable(RuntimeError):
@@ -66,8 +67,8 @@ def component_order(cfg) -> list[str]:
 # -- torch: our reference -----------------------------------------------------------------------
 
 class TorchBackend:
-    """``m3_trt.model`` in ``dtype`` with ``kernels``; ``fp8`` adds the FP8 E4M3 emulation of an FP8 build
-    (``m3_trt.quant``: the same weight scales and calibrated per-tensor activation scales that
+    """``m3_trt.model.modeling`` in ``dtype`` with ``kernels``; ``fp8`` adds the FP8 E4M3 emulation of an FP8 build
+    (``m3_trt.quant.fp8``: the same weight scales and calibrated per-tensor activation scales that
     ``m3-trt build-engine`` uses, calibrated on its built-in prompt set, not on the compared prompts).
 
     Indexer choices come from wrapping the plugin dispatch (intercept.py), the vision outputs from
@@ -78,13 +79,13 @@ class TorchBackend:
     text_only = False
 
     def __init__(self, path: Path, dtype: str = "fp32", *, kernels: str = "reference", fp8: bool = False):
-        from m3_trt.model import M3ForConditionalGeneration
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         self.model = M3ForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype], kernels=kernels)
         self.fp8 = fp8
         self.dtype = "fp8-emulated" if fp8 else dtype
         if fp8:
-            from m3_trt.quant import calibrate, calibration_inputs
+            from m3_trt.quant.fp8 import calibrate, calibration_inputs
 
             self.emulation = calibrate(self.model, calibration_inputs(path))
 
@@ -94,7 +95,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def components(self, sample: Sample, layers: bool) -> dict[str, torch.Tensor]:
-        from .intercept import record_block_choices
+        from m3_trt.compare.intercept import record_block_choices
 
         m = self.model
         seen: dict[str, torch.Tensor] = {}
@@ -123,7 +124,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def greedy(self, sample: Sample, n: int, eos: tuple[int, ...]) -> list[int]:
-        from m3_trt.generate import greedy
+        from m3_trt.model.generate import greedy
 
         return greedy(self.model, sample.input_ids, n, eos_token_id=eos, **self._vision(sample))
 

@@ -1,7 +1,7 @@
 """``m3-trt compare CKPT --backend B``: how far a backend is from the torch reference, and where it starts.
 
 Exit status 0 when every tolerance of the (backend, dtype) table holds, 1 when any is exceeded
-(2 for bad input, from ``m3_trt.cli.main``).
+(2 for bad input, from ``m3_trt.cli.main.main``).
 
 The report (``report.json``, ``report.txt``, ``per_layer_error.png``) goes to ``--out``; without it,
 to a new folder in the system temp folder (``m3-trt-compare-*``), never into the current folder.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from m3_trt.outputs import Stage, check_output
 
-from .backends import BACKENDS
+from m3_trt.compare.backends import BACKENDS
 
 # a folder holding our report.json ({"tool": "m3-trt compare", ...}) is a previous compare output
 COMPARE = Stage("compare", "report.json", "tool", "m3-trt compare")
@@ -27,9 +27,9 @@ def cmd_compare(*, ckpt: Path, backend: str, against: str = "reference", dtype: 
                 kernels: str = "reference", backend_path: Path | None = None, url: str | None = None,
                 prompts: Path | None = None, images: Path | None = None, layers: bool = False, tokens: int = 8,
                 out: Path | None = None, overwrite: bool = False, first_layers: int | None = None) -> int:
-    from .few_layers import cmd_first_layers
-    from .report import format_table, write_outputs
-    from .runner import run_compare
+    from m3_trt.compare.few_layers import cmd_first_layers
+    from m3_trt.compare.report import format_table, write_outputs
+    from m3_trt.compare.runner import run_compare
 
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="m3-trt-compare-"))

@@ -7,7 +7,7 @@ on both sides: embedding → decoder layers 0..N-1 → final norm → LM head.
 
 Streaming. Work goes step-major, then layer-major: for each step (the prefill, then each decode
 step) and each layer i, reference layer i and backend layer i are materialized (reference:
-:class:`m3_trt.pieces.PieceModel`; ONNX Runtime: one session from the layer's graph + weight
+:class:`m3_trt.model.pieces.PieceModel`; ONNX Runtime: one session from the layer's graph + weight
 file), run on every prompt, and dropped before layer i+1. Memory holds one layer of each side plus
 the prompts' KV caches of the N layers; each layer is read (1 + decode steps) times.
 
@@ -41,16 +41,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from m3_trt.cache import LayerCache
-from m3_trt.config import M3Config
-from m3_trt.model import rope_cos_sin
-from m3_trt.pieces import PieceModel
+from m3_trt.model.cache import LayerCache
+from m3_trt.model.config import M3Config
+from m3_trt.model.modeling import DTYPES as MODEL_DTYPES, rope_cos_sin
+from m3_trt.model.pieces import PieceModel
 
-from . import metrics as M
-from .inputs import load_prompts, prepare
-from .tolerances import FEW_LAYER_COS_MIN, FEW_LAYER_REL_MAX
+from m3_trt.compare import metrics as M
+from m3_trt.compare.inputs import load_prompts, prepare
+from m3_trt.compare.tolerances import FEW_LAYER_COS_MIN, FEW_LAYER_REL_MAX
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {k: MODEL_DTYPES[k] for k in ("fp32", "bf16")}
 FIRST_LAYER_BACKENDS = ("torch", "onnxruntime")
 
 

@@ -42,7 +42,7 @@ class Sample:
 
 
 def builtin_prompts() -> list[dict]:
-    from m3_trt.demo import demo_image_png
+    from m3_trt.processing.samples import demo_image_png
 
     a, b = demo_image_png(), demo_image_png((140, 56))
     return [

@@ -1,6 +1,6 @@
 """Look inside the torch reference without editing it: wrap its plugin dispatch.
 
-``m3_trt.model`` reaches every plugin (indexer top-k, block-sparse attention, MoE) through the
+``m3_trt.model.modeling`` reaches every plugin (indexer top-k, block-sparse attention, MoE) through the
 module-level function ``_op(name, impl)``. ``intercept_ops({name: wrap})`` replaces that function
 for the duration of a ``with`` block so ``_op(name, ...)`` returns ``wrap(original_fn)``; it is
 restored on exit, also on errors. Not thread-safe (it patches a module global); compare runs one
@@ -17,7 +17,7 @@ import torch
 
 @contextmanager
 def intercept_ops(wrappers: dict[str, Callable[[Callable], Callable]]) -> Iterator[None]:
-    import m3_trt.model as model_mod
+    import m3_trt.model.modeling as model_mod
 
     original = model_mod._op
 

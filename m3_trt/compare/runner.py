@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import metrics as M
-from .backends import component_order, make_backend
-from .inputs import prompt_samples
-from .tolerances import Tolerance, tolerance_for
+from m3_trt.compare import metrics as M
+from m3_trt.compare.backends import component_order, make_backend
+from m3_trt.compare.inputs import prompt_samples
+from m3_trt.compare.tolerances import Tolerance, tolerance_for
 
 
 def tool_versions() -> dict[str, str]:
@@ -59,7 +59,7 @@ def run_compare(ckpt: Path, *, backend: str, against: str = "reference", dtype: 
                 prompts: Path | None = None, images: Path | None = None, layers: bool = False, tokens: int = 8,
                 progress: Callable[[str], None] = print) -> dict:
     """Compare ``backend`` with the reference on the prompt set; the report dict."""
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
 
     t0 = time.perf_counter()
     ckpt = Path(ckpt)

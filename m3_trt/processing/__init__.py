@@ -24,7 +24,7 @@ Legend: x_CHW one image (uint8 or float32), frames_TCHW a clip, patches_ND N pat
 D = C·tp·p·p values, grid_thw (t, h, w) in patches.
 """
 
-from .processor import (
+from m3_trt.processing.processor import (
     DEFAULT_MAX_INPUT_PIXELS,
     IMAGE_TOKEN,
     PLAIN_TEXT,
@@ -36,7 +36,7 @@ from .processor import (
     IncrementalDecoder,
     M3Processor,
 )
-from .vision import (
+from m3_trt.processing.vision import (
     VisionPreprocessConfig,
     image_to_uint8_chw,
     patchify,

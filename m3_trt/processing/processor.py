@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .vision import VisionPreprocessConfig, video_frame_size, preprocess_images, preprocess_videos, smart_resize
+from m3_trt.processing.vision import VisionPreprocessConfig, video_frame_size, preprocess_images, preprocess_videos, smart_resize
 
 IMAGE_TOKEN = "]<]image[>["
 VIDEO_TOKEN = "]<]video[>["

@@ -1,13 +1,10 @@
-"""Sharded execution of the reference model: one process per rank, torch.distributed collectives.
+"""Running a build: sharded execution of the reference on a ``build-engine`` output, and of its per-rank ONNX graphs.
 
-``RankModel`` (one rank's slice, the reference's own blocks), ``Layout`` (tp/ep split),
-``load_rank(build_dir, rank)`` (a ``build-engine`` output), ``generate_sharded`` (greedy tokens
-from every rank of a build, launched with ``spawn``; ``python -m m3_trt.runtime.run`` under torchrun).
+Owns: ``load`` (``load_rank(build_dir, rank)`` → a :class:`m3_trt.model.rank.RankModel` on the rank's
+weights), ``run`` (``generate_sharded``: greedy tokens from every rank, spawned processes or
+``torchrun -m m3_trt.runtime.run``), ``dist`` (process-group set-up), ``onnx_ranks`` (every rank's
+ONNX graphs in ONNX Runtime, partial sums all-reduced on the host).
+
+May import: ``m3_trt.model``, ``m3_trt.quant``, ``m3_trt.export`` (ONNX Runtime sessions), the root
+modules. Not build, serving, compare or cli. Importing the package itself imports nothing.
 """
-
-from .model import RankModel, load_rank, local_text_config
-from .run import generate_sharded
-from .shard import Layout, shard_state, shard_tensor
-
-__all__ = ["Layout", "RankModel", "generate_sharded", "load_rank", "local_text_config", "shard_state",
-           "shard_tensor"]

@@ -19,7 +19,7 @@ class RankOnnx:
     def __init__(self, rank_dir: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         import onnxruntime as ort
 
-        from m3_trt.config import M3Config
+        from m3_trt.model.config import M3Config
         from m3_trt.export.onnx.runtime import layer_model, session_options
 
         self.dir = Path(rank_dir)

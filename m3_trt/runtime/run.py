@@ -17,8 +17,8 @@ import torch
 
 
 def _rank_main(rank: int, world: int, build_dir: str, ids: list[int], n: int, eos, out_file: str | None) -> None:
-    from ..generate import greedy
-    from .model import load_rank
+    from m3_trt.model.generate import greedy
+    from m3_trt.runtime.load import load_rank
 
     model = load_rank(build_dir, rank)
     toks = greedy(model, torch.tensor([ids]), n, eos_token_id=eos)
@@ -28,7 +28,7 @@ def _rank_main(rank: int, world: int, build_dir: str, ids: list[int], n: int, eo
 
 def generate_sharded(build_dir: str | Path, input_ids: torch.Tensor, max_new_tokens: int,
                      eos_token_id=None) -> list[int]:
-    from .dist import spawn
+    from m3_trt.runtime.dist import spawn
 
     manifest = json.loads((Path(build_dir) / "build.json").read_text())
     world = int(manifest["layout"]["world"])
@@ -40,7 +40,7 @@ def generate_sharded(build_dir: str | Path, input_ids: torch.Tensor, max_new_tok
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .dist import init
+    from m3_trt.runtime.dist import init
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("build_dir")

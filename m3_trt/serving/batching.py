@@ -17,7 +17,7 @@ by the real token at that position before any query can read it.
 
 Each row samples from its own logits with its own ``torch.Generator`` (seeded per request), so a
 seeded answer does not depend on the batch it ran in; greedy answers equal the unbatched
-:func:`m3_trt.generate.generate` (tested).
+:func:`m3_trt.model.generate.generate` (tested).
 
 Backends (``forward(x_BSD, pos_BS, slots, last_B, t_len) -> logits [B, V]``):
 :class:`TorchBatchBackend` (the torch reference, cache rows gathered per step up to ``t_len``)
@@ -39,10 +39,10 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from m3_trt.cache import LayerCache, StaticCache
-from m3_trt.generate import sample_next
+from m3_trt.model.cache import LayerCache, StaticCache
+from m3_trt.model.generate import sample_next
 
-from .pipeline import OnnxTokenGenerator, RequestError, SamplingParams, TokenGenerator, check_placeholders, eos_ids
+from m3_trt.serving.pipeline import OnnxTokenGenerator, RequestError, SamplingParams, TokenGenerator, check_placeholders, eos_ids
 
 __all__ = ["GenRequest", "BatchScheduler", "TorchBatchBackend", "OnnxBatchBackend", "SchedulerMetrics",
            "SERVER_BUSY", "batch_backend"]

@@ -1,4 +1,4 @@
-"""``m3-trt`` serving commands as plain functions (the lead wires them into ``m3_trt.cli``).
+"""``m3-trt`` serving commands as plain functions (the lead wires them into ``m3_trt.cli.main``).
 
     m3-trt triton-repo CKPT --out REPO [--backend torch] [--instances N]
     m3-trt triton-repo CKPT --export ONNX_DIR --backend onnxruntime --out REPO
@@ -23,7 +23,7 @@ def cmd_triton_repo(source: Path, out: Path, backend: str = "torch", instances: 
                     max_pixels: int = 16 * 1024 * 1024, overwrite: bool = False) -> int:
     import json
 
-    from .repository import write_repository
+    from m3_trt.serving.repository import write_repository
 
     print(f"triton-repo: source={source} export={export} out={out} backend={backend} instances={instances} "
           f"bls={bls} max_input_len={max_input_len or 'default'} max_pixels={max_pixels}")
@@ -39,7 +39,7 @@ def cmd_serve(repo: Path, grpc_port: int | None = None, http_port: int | None = 
               metrics_port: int | None = None, *, host: str = "127.0.0.1", admin_key: str | None = None,
               openai_port: int | None = None, served_model_name: str | None = None,
               log_file: Path | None = None) -> int:
-    from .server import serve
+    from m3_trt.serving.server import serve
 
     print(f"serve: repo={repo} host={host} grpc_port={grpc_port or 8001} http_port={http_port or 8000} "
           f"metrics_port={metrics_port or 8002} openai_port={openai_port} "
@@ -51,7 +51,7 @@ def cmd_serve(repo: Path, grpc_port: int | None = None, http_port: int | None = 
 
 def cmd_client(url: str, prompt: str, images: list[Path] = (), stream: bool = False, max_tokens: int = 32, *,
                model: str = "ensemble", temperature: float = 0.0, seed: int | None = None) -> int:
-    from .client import M3Client, M3ClientError
+    from m3_trt.serving.client import M3Client, M3ClientError
 
     blobs = [Path(p).read_bytes() for p in images]
     t0 = time.perf_counter()

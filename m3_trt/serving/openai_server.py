@@ -45,8 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
-from .client import build_inputs
-from .pipeline import Preprocessor, RequestError
+from m3_trt.serving.client import build_inputs
+from m3_trt.serving.pipeline import Preprocessor, RequestError
 
 __all__ = ["OpenAIServer", "OpenAIError", "DEFAULT_MAX_TOKENS"]
 

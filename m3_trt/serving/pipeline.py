@@ -8,10 +8,10 @@ Steps (one class or function each, no Triton types here, so they run and test in
 - :class:`VisionEncoder` — a list of requests' (pixel_values, grid) → one batched vision tower +
   projector call (torch ``get_image_features``, or the exported ``vision_encoder`` + ``projector``
   graphs in ONNX Runtime) → per-request ``image_embeds [n_tokens, Dt]``.
-- :class:`TokenGenerator` (torch, ``m3_trt.generate.generate``) and :class:`OnnxTokenGenerator`
+- :class:`TokenGenerator` (torch, ``m3_trt.model.generate.generate``) and :class:`OnnxTokenGenerator`
   (the exported embedding / decoder-layer / head graphs in ONNX Runtime, a static KV cache per
   request) — ``input_ids`` + ``image_embeds`` + :class:`SamplingParams` → token ids; both sample
-  with ``m3_trt.generate.sample_next``.
+  with ``m3_trt.model.generate.sample_next``.
 - :func:`load_steps` — the vision encoder and token generator a repository's ``parameters``
   name (``backend``, ``checkpoint``, ``export_dir``).
 - :func:`text_delta` — stateless incremental detokenisation (the postprocessing step sees one
@@ -221,7 +221,7 @@ class VisionEncoder:
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "VisionEncoder":
         import torch
-        from m3_trt.model import M3ForConditionalGeneration
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         return cls.from_model(M3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32))
 
@@ -256,7 +256,7 @@ def check_placeholders(input_ids: np.ndarray, image_embeds: np.ndarray | None, c
 
 
 class TokenGenerator:
-    """Runs ``m3_trt.generate.generate`` for one request at a time (an iterator per request)."""
+    """Runs ``m3_trt.model.generate.generate`` for one request at a time (an iterator per request)."""
 
     def __init__(self, model):
         self.model = model
@@ -265,13 +265,13 @@ class TokenGenerator:
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "TokenGenerator":
         import torch
-        from m3_trt.model import M3ForConditionalGeneration
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         return cls(M3ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32))
 
     def __call__(self, input_ids: np.ndarray, image_embeds: np.ndarray | None, params: SamplingParams) -> Iterator[int]:
         import torch
-        from m3_trt.generate import generate
+        from m3_trt.model.generate import generate
 
         params.validate(self.model.config.text.vocab_size)
         ids = torch.from_numpy(np.asarray(input_ids, np.int64).reshape(1, -1))
@@ -307,7 +307,7 @@ class OnnxTokenGenerator:
     def _tokens(self, ids: np.ndarray, embeds: np.ndarray | None, params: SamplingParams) -> Iterator[int]:
         import torch
 
-        from m3_trt.generate import sample_next
+        from m3_trt.model.generate import sample_next
 
         eos = set((params.end_id,) if params.end_id is not None else self.eos)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
@@ -333,7 +333,7 @@ def load_steps(params: dict[str, str]) -> tuple[VisionEncoder, "TokenGenerator |
     backend = params.get("backend", "torch")
     if backend == "torch":
         import torch
-        from m3_trt.model import M3ForConditionalGeneration
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         model = M3ForConditionalGeneration.from_pretrained(params["checkpoint"], dtype=torch.float32)
         return VisionEncoder.from_model(model), TokenGenerator(model)

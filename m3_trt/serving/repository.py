@@ -41,8 +41,8 @@ from pathlib import Path
 
 from m3_trt.outputs import TRITON_REPO, check_output, swap_into_place
 
-from .pbtxt import render
-from .tensorrt_repo import resolve_build, write_gpu_models
+from m3_trt.serving.pbtxt import render
+from m3_trt.serving.tensorrt_repo import resolve_build, write_gpu_models
 
 __all__ = ["TEMPLATES", "ENSEMBLE_STEPS", "write_repository"]
 
@@ -124,7 +124,7 @@ BLS_ROW = ("| `m3_bls` | one decoupled python model: preprocessing, `vision_enco
 
 
 def _sha256(path: Path) -> str:
-    from m3_trt.build import sha256  # the one streaming file hash of the build manifests
+    from m3_trt.build.builder import sha256  # the one streaming file hash of the build manifests
 
     return sha256(path)
 
@@ -173,7 +173,7 @@ def _resolve_export(source: Path, export: Path | None) -> tuple[Path, Path, dict
     if missing or not any("layers" in c for c in manifest["components"]):
         raise ValueError(f"the export {export_dir} lacks components {sorted(missing) or ['decoder layers']}; "
                          f"export every component to serve it")
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
 
     if M3Config.from_dict(manifest["config"]) != M3Config.from_pretrained(ckpt):
         raise ValueError(f"the export {export_dir} was made from a different model config than the checkpoint {ckpt}")

@@ -53,7 +53,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from .openai_server import OpenAIServer
+from m3_trt.serving.openai_server import OpenAIServer
 
 __all__ = ["ADMIN_HEADER", "RESTRICTED_APIS", "TritonBinary", "TritonServer", "TritonServerError", "find_tritonserver",
            "free_port", "is_loopback", "serve"]

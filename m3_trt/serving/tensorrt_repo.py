@@ -29,7 +29,7 @@ from pathlib import Path
 
 from m3_trt.export.tensorrt_build import profile_for  # the function the build used for the engines' profiles
 
-from .pbtxt import render
+from m3_trt.serving.pbtxt import render
 
 __all__ = ["EngineBuild", "TensorRTLayoutError", "resolve_build", "write_gpu_models", "GPU_MODELS"]
 

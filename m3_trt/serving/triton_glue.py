@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .batching import BatchScheduler, SchedulerMetrics, batch_backend
-from .pipeline import RequestError, RequestLimits, SamplingParams, split_image_rows
+from m3_trt.serving.batching import BatchScheduler, SchedulerMetrics, batch_backend
+from m3_trt.serving.pipeline import RequestError, RequestLimits, SamplingParams, split_image_rows
 
 __all__ = ["model_parameters", "read", "read_text", "read_scalar", "sampling_params", "error_response",
            "TritonMetrics", "vision_batch_metric", "llm_scheduler", "read_images"]

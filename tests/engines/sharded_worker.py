@@ -15,8 +15,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run_cases(rank: int, world: int, ckpt: str, cases: list[tuple[str, int, int, bool]], out_file: str) -> None:
-    from m3_trt.model import M3ForConditionalGeneration
-    from m3_trt.runtime import Layout, RankModel
+    from m3_trt.model.modeling import M3ForConditionalGeneration
+    from m3_trt.model.rank import RankModel
+    from m3_trt.model.shard import Layout
 
     ref = M3ForConditionalGeneration.from_pretrained(ckpt)
     V = ref.config.text.vocab_size

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from m3_trt.build import build
-from m3_trt.targets import load_target
+from m3_trt.build.builder import build
+from m3_trt.build.targets import load_target
 
 
 def _tree_hash(d: Path) -> str:
@@ -31,7 +31,7 @@ def test_sigint_leaves_previous_output_and_resume_skips_verified(tiny_ckpt, tmp_
     before = _tree_hash(out)
     work = tmp_path / ".eng.partial"
     env = dict(os.environ, M3_TRT_BUILD_PIECE_DELAY_S="3")
-    cmd = [sys.executable, "-m", "m3_trt.cli", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
+    cmd = [sys.executable, "-m", "m3_trt.cli.main", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
            "--set", "onnx=false", "--set", "tp=2", "--set", "ep=2", "--no-progress"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     journal = work / "journal.jsonl"
@@ -62,7 +62,7 @@ def test_sigint_leaves_previous_output_and_resume_skips_verified(tiny_ckpt, tmp_
 def test_interrupt_without_previous_output_leaves_none(tiny_ckpt, tmp_path):
     out = tmp_path / "fresh"
     env = dict(os.environ, M3_TRT_BUILD_PIECE_DELAY_S="3")
-    cmd = [sys.executable, "-m", "m3_trt.cli", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
+    cmd = [sys.executable, "-m", "m3_trt.cli.main", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
            "--set", "onnx=false", "--no-progress"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     journal = tmp_path / ".fresh.partial" / "journal.jsonl"

@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from m3_trt.build import build
-from m3_trt.checkpoint import _place, map_key
-from m3_trt.targets import load_target
+from m3_trt.build.builder import build
+from m3_trt.model.checkpoint import _place, map_key
+from m3_trt.build.targets import load_target
 
 _LAYER_LINEAR = re.compile(r"^language_model\.model\.layers\.\d+\..*(proj|w[123])\.weight$")
 

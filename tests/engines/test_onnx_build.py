@@ -14,10 +14,10 @@ import torch
 
 from tolerances import TOLERANCES
 
-from m3_trt.build import build
-from m3_trt.generate import greedy
-from m3_trt.model import M3ForConditionalGeneration
-from m3_trt.targets import load_target
+from m3_trt.build.builder import build
+from m3_trt.model.generate import greedy
+from m3_trt.model.modeling import M3ForConditionalGeneration
+from m3_trt.build.targets import load_target
 
 DECODE_STEPS = 8
 
@@ -33,7 +33,7 @@ def _rel(a, b) -> float:
 
 def test_cpu_target_onnx_generates_reference_greedy_tokens(tiny_ckpt, tmp_path):
     from m3_trt.export.onnx.runtime import OnnxModel
-    from m3_trt.runtime import generate_sharded
+    from m3_trt.runtime.run import generate_sharded
 
     out = tmp_path / "cpu"
     m = build(tiny_ckpt, load_target("cpu"), out, progress=False)
@@ -52,7 +52,7 @@ def test_cpu_target_onnx_generates_reference_greedy_tokens(tiny_ckpt, tmp_path):
 
 
 def test_tp2_ep2_per_rank_onnx_with_numpy_collectives_equals_unsharded(tiny_ckpt, tmp_path):
-    from m3_trt.runtime import generate_sharded
+    from m3_trt.runtime.run import generate_sharded
     from m3_trt.runtime.onnx_ranks import ShardedOnnxModel
 
     out = tmp_path / "w2"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from m3_trt.cli import main
+from m3_trt.cli.main import main
 
 FAST = ["--set", "onnx=false", "--no-progress"]
 

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from m3_trt.cli import main, param_counts
-from m3_trt.config import full_size
-from m3_trt.plan import make_plan
-from m3_trt.targets import list_targets, load_target, parse_sets
+from m3_trt.cli.main import main
+from m3_trt.model.params import param_counts
+from m3_trt.model.config import full_size
+from m3_trt.build.plan import make_plan
+from m3_trt.build.targets import list_targets, load_target, parse_sets
 
 GIB = 1024**3
 

@@ -10,10 +10,11 @@ import torch
 
 from tolerances import FP8_TOP1_AGREEMENT
 
-from m3_trt import quant
-from m3_trt.build import build
-from m3_trt.model import M3ForConditionalGeneration
-from m3_trt.targets import load_target
+from m3_trt.quant import fp8 as quant
+from m3_trt.quant.encode import convert_shards_fp8
+from m3_trt.build.builder import build
+from m3_trt.model.modeling import M3ForConditionalGeneration
+from m3_trt.build.targets import load_target
 
 
 def _agreement(model, ref, prompts) -> float:
@@ -79,7 +80,7 @@ def test_streaming_shard_conversion_equals_quantize_weight(tmp_path):
     (tmp_path / "src").mkdir()
     for i, sh in enumerate(shards):
         save_file(sh, str(tmp_path / "src" / f"m-{i}.safetensors"))
-    stats = quant.convert_shards_fp8(tmp_path / "src", tmp_path / "dst", chunk_bytes=1000)
+    stats = convert_shards_fp8(tmp_path / "src", tmp_path / "dst", chunk_bytes=1000)
     assert stats["largest_tensor_bytes"] == 300 * 70 * 2
     for i, sh in enumerate(shards):
         out = load_file(str(tmp_path / "dst" / f"m-{i}.safetensors"))
@@ -99,7 +100,7 @@ def test_streaming_shard_conversion_equals_quantize_weight(tmp_path):
 def test_layerwise_calibration_equals_whole_model(tiny_ckpt):
     """calibrate_layerwise (one layer in memory, hidden states carried) gives today's whole-model
     scales and per-layer errors exactly. Negative control: two of the prompts alone give other scales."""
-    from m3_trt.pieces import PieceModel
+    from m3_trt.model.pieces import PieceModel
 
     inputs = quant.calibration_inputs(tiny_ckpt)
     ref = M3ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)

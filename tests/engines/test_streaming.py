@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from m3_trt import config as cfgmod
-from m3_trt.build import build
-from m3_trt.checkpoint import original_layout, write_sharded
-from m3_trt.model import M3ForConditionalGeneration
-from m3_trt.runtime.shard import Layout, shard_state
-from m3_trt.targets import load_target
+from m3_trt.model import config as cfgmod
+from m3_trt.build.builder import build
+from m3_trt.model.checkpoint import original_layout, write_sharded
+from m3_trt.model.modeling import M3ForConditionalGeneration
+from m3_trt.model.shard import Layout, shard_state
+from m3_trt.build.targets import load_target
 
 MEMORY_RATIO = 1.25  # issue 12: 12 layers within 1.25x of 4 layers at the same width
 
@@ -77,10 +77,10 @@ def test_build_peak_rss_flat_in_depth(tmp_path):
     peaks, whole = {}, {}
     for n in (4, 12):
         ck = make_wide(tmp_path / f"c{n}", n)
-        peaks[n] = _peak_mib([sys.executable, "-m", "m3_trt.cli", "build-engine", str(ck), "--target", "cpu",
+        peaks[n] = _peak_mib([sys.executable, "-m", "m3_trt.cli.main", "build-engine", str(ck), "--target", "cpu",
                               "--out", str(tmp_path / f"o{n}"), "--set", "onnx=false", "--no-progress"])
         # negative control: the whole model in memory (the build's former first step)
-        whole[n] = _peak_mib([sys.executable, "-c", "import sys; from m3_trt.model import M3ForConditionalGeneration"
+        whole[n] = _peak_mib([sys.executable, "-c", "import sys; from m3_trt.model.modeling import M3ForConditionalGeneration"
                               " as M; M.from_pretrained(sys.argv[1])", str(ck)])
     print(f"peak RSS MiB: streaming build {peaks}, whole-model load {whole}")
     assert peaks[12] <= MEMORY_RATIO * peaks[4], peaks
@@ -108,7 +108,7 @@ def test_sigkill_at_layer_resumes_there_and_hashes_the_same(tiny_ckpt, tmp_path)
     build(tiny_ckpt, load_target("cpu", sets), ref, progress=False)
     out = tmp_path / "eng"
     work = tmp_path / ".eng.partial"
-    cmd = [sys.executable, "-m", "m3_trt.cli", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
+    cmd = [sys.executable, "-m", "m3_trt.cli.main", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
            "--set", "onnx=false", "--set", "tp=2", "--set", "ep=2", "--no-progress"]
     _kill_after(cmd, work / "parts.jsonl", "layer.1")
     done = [json.loads(line)["piece"] for line in (work / "parts.jsonl").read_text().splitlines()]
@@ -130,11 +130,11 @@ def test_sigkill_at_layer_resumes_there_and_hashes_the_same(tiny_ckpt, tmp_path)
 
 
 def test_resume_with_another_checkpoint_starts_over(tiny_ckpt, tmp_path):
-    from m3_trt.tiny import make_tiny
+    from m3_trt.checkpoints.tiny import make_tiny
 
     other = make_tiny(tmp_path / "other", seed=1)
     out = tmp_path / "eng"
-    cmd = [sys.executable, "-m", "m3_trt.cli", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
+    cmd = [sys.executable, "-m", "m3_trt.cli.main", "build-engine", str(tiny_ckpt), "--target", "cpu", "--out", str(out),
            "--set", "onnx=false", "--no-progress"]
     _kill_after(cmd, tmp_path / ".eng.partial" / "parts.jsonl", "layer.1")
     m = build(other, load_target("cpu", {"onnx": False}), out, resume=True, progress=False)
@@ -157,8 +157,8 @@ def test_streaming_reader_names_a_non_finite_weight(tiny_ckpt, tmp_path):
     import pytest
     from safetensors.torch import save_file
 
-    from m3_trt.checkpoint import CheckpointError
-    from m3_trt.pieces import PieceModel
+    from m3_trt.model.checkpoint import CheckpointError
+    from m3_trt.model.pieces import PieceModel
 
     for bad in (float("nan"), float("-inf")):
         ck = Path(shutil.copytree(tiny_ckpt, tmp_path / f"bad{bad}"))
@@ -177,9 +177,9 @@ def test_streaming_reader_names_a_non_finite_weight(tiny_ckpt, tmp_path):
 
 
 def test_workers_pool_writes_the_serial_bytes_and_too_many_are_refused(tiny_ckpt, tmp_path, capsys):
-    from m3_trt.cli import main
-    from m3_trt.config import M3Config
-    from m3_trt.plan import host_memory
+    from m3_trt.cli.main import main
+    from m3_trt.model.config import M3Config
+    from m3_trt.build.plan import host_memory
 
     sets = {"onnx": False, "tp": 2, "ep": 2, "weight_dtype": "fp8", "dtype": "bf16"}
     serial = build(tiny_ckpt, load_target("cpu", sets), tmp_path / "serial", progress=False)

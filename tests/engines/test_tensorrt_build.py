@@ -11,9 +11,9 @@ pytestmark = pytest.mark.trt
 
 @pytest.mark.parametrize("ranks", [1, 2], ids=["W1", "W2-TP2"])
 def test_build_records_an_engine_per_graph(tiny_ckpt, tmp_path, ranks):
-    from m3_trt.build import build
+    from m3_trt.build.builder import build
     from m3_trt.export.tensorrt import trt_available, trt_unavailable_reason
-    from m3_trt.targets import load_target
+    from m3_trt.build.targets import load_target
 
     if not trt_available():
         pytest.skip(trt_unavailable_reason())

@@ -19,9 +19,9 @@ import shlex
 
 import pytest
 
-from m3_trt.config import full_size, tiny
+from m3_trt.model.config import full_size, tiny
 from m3_trt.export.trtllm import write_trtllm
-from m3_trt.targets import load_target
+from m3_trt.build.targets import load_target
 
 LLM_ARGS = {"model", "backend", "tensor_parallel_size", "moe_tensor_parallel_size", "moe_expert_parallel_size",
             "enable_attention_dp", "max_batch_size", "max_num_tokens", "max_seq_len", "kv_cache_config",

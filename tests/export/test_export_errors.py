@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from m3_trt.cli import main
+from m3_trt.cli.main import main
 from m3_trt.export.onnx import export_model
 from m3_trt.export.onnx import exporter as exporter_mod
 

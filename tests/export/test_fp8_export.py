@@ -41,7 +41,7 @@ def test_graphs_carry_e4m3_qdq_and_match_torch_fp8_model(fp8_export):
 def test_fp8_logits_are_quantized_not_fp32(fp8_export, tiny_ckpt):
     """The FP8 chain differs from the fp32 reference by an FP8-sized error, and agrees on top-1 mostly."""
     from m3_trt.export.onnx.runtime import OnnxModel
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     ref = M3ForConditionalGeneration.from_pretrained(tiny_ckpt)
     ids = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(3))

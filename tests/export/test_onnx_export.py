@@ -76,9 +76,9 @@ def test_plugin_nodes_and_checker(exported):
 
 @pytest.mark.parametrize("with_image", [False, True], ids=["text", "image+text"])
 def test_chained_components_generate_reference_tokens(exported, tiny_ckpt, with_image):
-    from m3_trt.demo import demo_image_png
-    from m3_trt.generate import greedy
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.processing.samples import demo_image_png
+    from m3_trt.model.generate import greedy
+    from m3_trt.model.modeling import M3ForConditionalGeneration
     from m3_trt.processing import M3Processor
 
     _, out, _ = exported
@@ -117,7 +117,7 @@ def test_negative_control_scrambled_weights_detected(exported, tiny_ckpt, tmp_pa
 
     from m3_trt.export.onnx.components import DecoderLayerComponent
     from m3_trt.export.onnx.runtime import layer_model, session_options
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     mode, out, manifest = exported
     work = shutil.copytree(out, tmp_path / "copy")

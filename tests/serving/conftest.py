@@ -9,14 +9,14 @@ import pytest
 def reference(tiny_ckpt):
     """``reference(prompt, images=(), max_tokens=10, **sampling) -> (token ids, text)``.
 
-    ``m3_trt.generate`` in-process on the processor's output, pixel_values going through the
+    ``m3_trt.model.generate`` in-process on the processor's output, pixel_values going through the
     model's own vision path (the served path runs the vision encoder as a separate model and
     splices image_embeds), so a match also checks the split.
     """
     import torch
 
-    from m3_trt.generate import generate
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.generate import generate
+    from m3_trt.model.modeling import M3ForConditionalGeneration
     from m3_trt.processing import M3Processor
     from m3_trt.serving.pipeline import build_prompt
 

@@ -1,6 +1,6 @@
 """In-flight batching (m3_trt.serving.batching) in-process, against the unbatched generator.
 
-The unbatched reference is ``m3_trt.generate.generate`` (through ``TokenGenerator``): one request,
+The unbatched reference is ``m3_trt.model.generate.generate`` (through ``TokenGenerator``): one request,
 its own cache, whole-prompt prefill. The scheduler runs one padded forward per step over every
 active row, with chunked prefill; greedy answers must be the same tokens whatever the batch
 composition, and seeded sampling the same tokens per seed.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3_trt.demo import demo_image_png
+from m3_trt.processing.samples import demo_image_png
 from m3_trt.serving.batching import BatchScheduler, GenRequest, OnnxBatchBackend, TorchBatchBackend
 from m3_trt.serving.pipeline import (OnnxTokenGenerator, Preprocessor, RequestError, SamplingParams, TokenGenerator,
                                      VisionEncoder)
@@ -22,7 +22,7 @@ IMAGE = demo_image_png((112, 84))
 
 @pytest.fixture(scope="module")
 def parts(tiny_ckpt):
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     model = M3ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32)
     pre = Preprocessor(tiny_ckpt, max_input_len=512, max_input_pixels=200 * 200)

@@ -20,7 +20,7 @@ pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 openai = pytest.importorskip("openai")
 
-from m3_trt.demo import demo_image_png  # noqa: E402
+from m3_trt.processing.samples import demo_image_png  # noqa: E402
 from m3_trt.serving.pipeline import encode_chat  # noqa: E402
 
 MAX_INPUT_LEN = 256

@@ -53,7 +53,7 @@ def check_ensemble_wiring(configs: dict) -> None:
 
 def _fake_export(tiny_ckpt, folder: Path) -> Path:
     """An ONNX export folder as far as the repository writer reads it (manifest only)."""
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
 
     folder.mkdir(parents=True)
     comps = [{"name": n} for n in ("embedding", "head", "vision_encoder", "projector")] + [{"name": "decoder", "layers": {}}]
@@ -68,10 +68,10 @@ def _fake_engine_build(tiny_ckpt, folder: Path, *, vision: bool = True, engines:
     """A build-engine output with the files the GPU layout reads: build.json, the export manifest's
     vision components, two .plan files (stand-in bytes) with real engine reports, the real handoff.
     One rank keeps the vision engines under ``rank0/``, several under ``replicated/`` (as build.py)."""
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
     from m3_trt.export.tensorrt.builder import BuildReport, TensorInfo
     from m3_trt.export.trtllm import write_trtllm
-    from m3_trt.targets import load_target
+    from m3_trt.build.targets import load_target
 
     cfg = M3Config.from_pretrained(tiny_ckpt)
     v = cfg.vision
@@ -141,7 +141,7 @@ def test_every_generated_config_parses_as_model_config(tiny_ckpt, tmp_path, back
         assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
         assert (repo / name / "1" / "model.plan").read_bytes() == (engines_dir / f"{engine}.plan").read_bytes()
     tower = {i.name: (list(i.dims), i.data_type) for i in configs["vision_tower"].input}
-    from m3_trt.config import M3Config
+    from m3_trt.model.config import M3Config
 
     patch_dim = M3Config.from_pretrained(tiny_ckpt).vision.patch_dim
     assert tower == {"pixel_values": ([-1, patch_dim], model_config_pb2.TYPE_FP32),
@@ -190,7 +190,7 @@ def test_hostile_checkpoint_path_is_one_escaped_string(tiny_ckpt, tmp_path):
 
 
 def test_out_refuses_inputs_and_foreign_folders(tiny_ckpt, tmp_path, capsys):
-    from m3_trt.cli import main
+    from m3_trt.cli.main import main
 
     user = tmp_path / "my-notes"
     user.mkdir()

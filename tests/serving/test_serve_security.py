@@ -68,7 +68,7 @@ def served(tmp_path_factory):
     tmpdir = tmp_path_factory.mktemp("serve-tmp")
     ports = dict(grpc=free_port(), http=free_port(), metrics=free_port())
     exe = Path(sys.executable).with_name("m3-trt")
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "m3_trt.cli"]
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "m3_trt.cli.main"]
     env = dict(os.environ, TMPDIR=str(tmpdir), M3_TRT_ADMIN_KEY=KEY)
     proc = subprocess.Popen([*cmd, "serve", str(ECHO_REPO), "--grpc-port", str(ports["grpc"]), "--http-port",
                              str(ports["http"]), "--metrics-port", str(ports["metrics"])],

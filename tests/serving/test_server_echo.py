@@ -109,7 +109,7 @@ def test_serve_command_forwards_signal_and_exits_cleanly(sig):
 
     grpc, http, metrics = free_port(), free_port(), free_port()
     exe = Path(sys.executable).with_name("m3-trt")
-    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "m3_trt.cli"]
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "m3_trt.cli.main"]
     proc = subprocess.Popen([*cmd, "serve", str(ECHO_REPO), "--grpc-port", str(grpc), "--http-port", str(http),
                              "--metrics-port", str(metrics)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
 
-from m3_trt.demo import demo_image_png  # noqa: E402
+from m3_trt.processing.samples import demo_image_png  # noqa: E402
 from m3_trt.serving.client import M3Client, M3ClientError, build_inputs  # noqa: E402
 from m3_trt.serving.pipeline import text_delta  # noqa: E402
 

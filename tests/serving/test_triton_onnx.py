@@ -16,7 +16,7 @@ import pytest
 import torch
 from tolerances import assert_close, rel_err
 
-from m3_trt.demo import demo_image_png
+from m3_trt.processing.samples import demo_image_png
 from m3_trt.serving.pipeline import (OnnxTokenGenerator, Preprocessor, RequestError, SamplingParams, TokenGenerator,
                                      VisionEncoder)
 

@@ -30,7 +30,7 @@ ONNX_ENTRY = {"embedding": "embedding", "layer_0": "decoder_full_dense", "layer_
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
-    from m3_trt.model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     return M3ForConditionalGeneration.from_pretrained(tiny_ckpt)
 

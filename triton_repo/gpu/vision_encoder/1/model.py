@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb
 
-from m3_trt.config import M3Config
+from m3_trt.model.config import M3Config
 from m3_trt.serving.triton_glue import error_response, model_parameters, read
-from m3_trt.vision import vision_position_ids, vision_segment_ids
+from m3_trt.model.vision import vision_position_ids, vision_segment_ids
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

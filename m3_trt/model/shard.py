@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import TextConfig
+from m3_trt.model.config import TextConfig
 
 
 @dataclass(frozen=True)

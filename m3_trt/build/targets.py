@@ -7,7 +7,7 @@ GPU memory the plan checks against. Every field can be overridden (``--set tp=4`
 parsed as TOML values (``4`` → int, ``fp8`` → string, ``true`` → bool) and type-checked against
 the field's declared type.
 
-Parallel layout (what :mod:`m3_trt.runtime` and :mod:`m3_trt.plan` implement): ``world = max(tp,
+Parallel layout (what :mod:`m3_trt.runtime` and :mod:`m3_trt.build.plan` implement): ``world = max(tp,
 ep)`` ranks; ``tp`` is 1 (attention replicated) or ``world``; ``ep`` divides ``world`` and the
 routed experts are further split on their intermediate dimension ``moe_tp = world / ep`` ways
 (TensorRT-LLM's ``moe_tensor_parallel_size × moe_expert_parallel_size = tp_size`` rule).

@@ -1,7 +1,7 @@
 """``m3-trt quantize``: a bf16 checkpoint becomes an FP8 checkpoint in the same Hugging Face layout.
 
 Two formats, both E4M3 codes with a sibling ``<name>_scale_inv`` that *multiplies* the codes
-(what transformers' ``Fp8Dequantize`` and :func:`m3_trt.checkpoint.dequantize_fp8` compute):
+(what transformers' ``Fp8Dequantize`` and :func:`m3_trt.model.checkpoint.dequantize_fp8` compute):
 
 * ``mxfp8``: one E8M0 exponent per 32 consecutive values of a row, stored as uint8 ``[rows,
   cols/32]`` (scale ``2**(byte - 127)``) — the format the real M3 checkpoint ships. The exponent
@@ -12,7 +12,7 @@ Two formats, both E4M3 codes with a sibling ``<name>_scale_inv`` that *multiplie
   grid, so a dimension must be ≤ 128 (one block) or a multiple of 128; anything else is refused
   by name rather than written with a block the readers would disagree about.
 
-Which tensors are quantized mirrors the real MiniMax checkpoints (and :func:`m3_trt.plan.is_fp8_weight`,
+Which tensors are quantized mirrors the real MiniMax checkpoints (and :func:`m3_trt.quant.fp8.is_fp8_weight`,
 the rule the FP8 build uses): every 2-D weight of a decoder layer — attention and indexer
 projections, dense MLP, shared and routed experts. The router (``block_sparse_moe.gate``), norms,
 ``e_score_correction_bias``, embeddings, LM head, vision tower and projector stay as they are,
@@ -37,11 +37,11 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import FP8_DTYPES, SCALE_SUFFIX, SafetensorsCheckpoint, dequantize_fp8, map_key
-from .config import M3Config
-from .outputs import QUANTIZED, check_output, swap_into_place
-from .plan import is_fp8_weight
-from .quant_convert import ST_DTYPES, read_safetensors_header
+from m3_trt.model.checkpoint import FP8_DTYPES, SCALE_SUFFIX, SafetensorsCheckpoint, dequantize_fp8, map_key
+from m3_trt.model.config import M3Config
+from m3_trt.outputs import QUANTIZED, check_output, swap_into_place
+from m3_trt.quant.fp8 import is_fp8_weight
+from m3_trt.quant.encode import ST_DTYPES, read_safetensors_header
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -132,7 +132,7 @@ def quantization_config(fmt: str) -> dict:
 
 def is_quantized_key(key: str, shape: tuple[int, ...]) -> bool:
     """Whether the real checkpoints store ``key`` (original layout) as FP8: decoder-layer 2-D weights
-    except the router — the same rule as the FP8 build (:func:`m3_trt.plan.is_fp8_weight`)."""
+    except the router — the same rule as the FP8 build (:func:`m3_trt.quant.fp8.is_fp8_weight`)."""
     hit = map_key(key)
     if hit is None or not key.endswith(".weight"):
         return False
@@ -303,7 +303,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, fmt: str, overwrit
         for n, k in enumerate(keys):
             if _layer_of(k) != piece:
                 # fresh memory maps per layer: pages of a live map count in RSS, so one map held for
-                # the whole run would grow with every tensor read (see m3_trt.pieces)
+                # the whole run would grow with every tensor read (see m3_trt.model.pieces)
                 piece, src = _layer_of(k), SafetensorsCheckpoint(ckpt)
             t = src.get(k)
             if t.dtype in FP8_DTYPES:

@@ -1,7 +1,7 @@
 """Streaming FP8 conversion of safetensors shards (``m3-trt build-engine`` and the benchmark).
 
 One shard and one tensor at a time: each output header is written first, then each tensor's rows
-are read, quantized to E4M3 per output channel (the same codes as :func:`m3_trt.quant.quantize_weight`)
+are read, quantized to E4M3 per output channel (the same codes as :func:`m3_trt.quant.fp8.quantize_weight`)
 and written at their offset, by a reader, a quantizer and a writer thread per shard.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .quant import E4M3, E4M3_MAX
+from m3_trt.quant.fp8 import E4M3, E4M3_MAX
 
 #
 # A safetensors file is ``u64 header length | JSON header {name: {dtype, shape, data_offsets}} |

@@ -1,8 +1,8 @@
 """A build's rank weight files, written piece by piece from the checkpoint (serially or by a pool).
 
-:func:`stream_rank_weights` reads each checkpoint piece once (:class:`m3_trt.pieces.PieceModel`),
+:func:`stream_rank_weights` reads each checkpoint piece once (:class:`m3_trt.model.pieces.PieceModel`),
 converts it for every rank that still needs it (:func:`convert_piece`: shard, cast, FP8-quantize)
-and appends it to the ranks' :class:`~m3_trt.runtime.weights_file.StreamingSafetensors`;
+and appends it to the ranks' :class:`~m3_trt.build.weights_file.StreamingSafetensors`;
 ``parts.jsonl`` in the work folder records each finished (piece, rank, file) with its byte range,
 sha256 and the build's input key, which is what lets ``--resume`` continue at the first piece a
 killed build had not finished. With ``workers`` > 1 a spawn-context process pool converts pieces
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from .. import quant
-from ..build import DTYPES
-from ..pieces import PieceModel, piece_names
-from ..plan import is_fp8_weight
-from ..targets import Target
-from .shard import shard_tensor
-from .weights_file import StreamingSafetensors, header_room, spool_tensors
+from m3_trt.quant import fp8 as quant
+from m3_trt.model.modeling import DTYPES
+from m3_trt.model.pieces import PieceModel, piece_names
+from m3_trt.quant.fp8 import is_fp8_weight
+from m3_trt.build.targets import Target
+from m3_trt.model.shard import shard_tensor
+from m3_trt.build.weights_file import StreamingSafetensors, header_room, spool_tensors
 
 
 def stream_rank_weights(pm, cfg, tgt: Target, lay, work: Path, todo: list[int], key: str, resume: bool,

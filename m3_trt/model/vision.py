@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import M3Config, VisionConfig
+from m3_trt.model.config import M3Config, VisionConfig
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 ``make_tiny(out, seed)`` writes sharded safetensors in the original MiniMax key layout (+ index),
 a ``config.json`` transformers reads (mixed full/sparse attention, dense and MoE MLPs), a real
 byte-level BPE tokenizer with the M3 special tokens, and the image/video processor configs. The
-shapes (``m3_trt.config.tiny``) exercise every branch on a CPU budget: several key blocks per
+shapes (``m3_trt.model.config.tiny``) exercise every branch on a CPU budget: several key blocks per
 prompt with top-k below the block count, 8 experts top-2, GQA 2.
 
 Weights are random but shaped like a trained model's in the way accuracy comparisons depend on:
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from . import config as cfgmod
-from .checkpoint import original_layout, write_sharded
-from .model import M3ForConditionalGeneration
-from .tiny_tokenizer import write_tiny_tokenizer
+from m3_trt.model import config as cfgmod
+from m3_trt.model.checkpoint import original_layout, write_sharded
+from m3_trt.model.modeling import M3ForConditionalGeneration
+from m3_trt.checkpoints.tiny_tokenizer import write_tiny_tokenizer
 
 
 def _init_weights(model: M3ForConditionalGeneration, seed: int) -> None:

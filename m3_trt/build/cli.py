@@ -9,7 +9,7 @@ from pathlib import Path
 def cmd_build_engine(*, ckpt: Path | None, target: str, out: Path | None, dry_run: bool, resume: bool,
                      calib: Path | None, list_targets: bool, sets: list[str], progress: bool = True,
                      overwrite: bool = False, workers: int = 1) -> int:
-    from .targets import describe, list_targets as _list, load_target, parse_sets
+    from m3_trt.build.targets import describe, list_targets as _list, load_target, parse_sets
 
     if list_targets:
         for p in _list():
@@ -19,9 +19,9 @@ def cmd_build_engine(*, ckpt: Path | None, target: str, out: Path | None, dry_ru
         return 0
     if ckpt is None or out is None and not dry_run:
         raise ValueError("build-engine needs CKPT and --out DIR (or --list-targets)")
-    from .config import M3Config
-    from .outputs import BUILD, check_output
-    from .plan import make_plan
+    from m3_trt.model.config import M3Config
+    from m3_trt.outputs import BUILD, check_output
+    from m3_trt.build.plan import make_plan
 
     if out is not None:  # refuse a bad --out before any work (build() checks again)
         check_output(out, stage=BUILD, inputs=[ckpt, calib], overwrite=overwrite)
@@ -29,11 +29,11 @@ def cmd_build_engine(*, ckpt: Path | None, target: str, out: Path | None, dry_ru
     print(f"build-engine: ckpt={ckpt} target={tgt.name} out={out} dry_run={dry_run} resume={resume} calib={calib}")
     print(describe(tgt))
     cfg = M3Config.from_pretrained(ckpt)
-    from .build import checkpoint_scale_block
+    from m3_trt.build.builder import checkpoint_scale_block
 
     plan = make_plan(cfg, tgt, scale_block=checkpoint_scale_block(ckpt))
     print(plan.text())
-    from .plan import host_memory
+    from m3_trt.build.plan import host_memory
 
     host = host_memory(cfg, workers)
     print(f"  {host['text']}: {'fits' if host['fits'] else 'DOES NOT FIT this host'}")
@@ -43,7 +43,7 @@ def cmd_build_engine(*, ckpt: Path | None, target: str, out: Path | None, dry_ru
         return 0
     if not plan.fits:
         raise ValueError(f"the plan does not fit target {tgt.name}: {plan.too_large}")
-    from .build import build
+    from m3_trt.build.builder import build
 
     build(ckpt, tgt, out, resume=resume, progress=progress, calib=calib, plan=plan, overwrite=overwrite,
           workers=workers)

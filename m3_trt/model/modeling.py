@@ -27,15 +27,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import LayerCache, StaticCache, write_idx, write_kv
-from .config import M3Config, TextConfig
-from .plugins.swiglu_moe.reference import swiglu_oai  # the one SwiGLU-OAI (dense MLP, shared expert, experts)
-from .plugins.registry import OPERATORS
-from .vision import Projector, VisionTower, vision_position_ids, vision_segment_ids
+from m3_trt.model.cache import LayerCache, StaticCache, write_idx, write_kv
+from m3_trt.model.config import M3Config, TextConfig
+from m3_trt.plugins.swiglu_moe.reference import swiglu_oai  # the one SwiGLU-OAI (dense MLP, shared expert, experts)
+from m3_trt.plugins.registry import OPERATORS
+from m3_trt.model.vision import Projector, VisionTower, vision_position_ids, vision_segment_ids
 
 # reference: the readable spec; torch: linear-memory CPU path; triton: GPU kernels (interpreter on CPU);
 # portable: static shapes in standard ops (ONNX --plugins none); custom_op: one torch.library node
 # per plugin (ONNX --plugins m3).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # working dtypes by name
 KERNELS = ("reference", "torch", "triton", "portable", "custom_op")
 
 
@@ -242,7 +243,7 @@ class M3ForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, kernels: str = "reference",
                         progress=None) -> "M3ForConditionalGeneration":
-        from .checkpoint import SafetensorsCheckpoint, load_into
+        from m3_trt.model.checkpoint import SafetensorsCheckpoint, load_into
 
         cfg = M3Config.from_pretrained(path)
         with torch.device("meta"):

@@ -4,19 +4,19 @@ What is written is what transformers' ``save_pretrained`` writes for the same co
 MiniMax key names (``language_model.model.layers.N.block_sparse_moe.experts.E.w1.weight`` …),
 ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes`` with
 ``model.safetensors.index.json``, ``config.json`` (+ ``generation_config.json``), plus the tiny
-tokenizer and processor files (:mod:`m3_trt.tiny_tokenizer`; the model's vocabulary is larger
+tokenizer and processor files (:mod:`m3_trt.checkpoints.tiny_tokenizer`; the model's vocabulary is larger
 than the tokenizer's, which only ever emits the low ids) and the marker ``m3_trt_synthetic.json``.
 
 Weights are drawn ONE TENSOR AT A TIME, in row chunks of at most :data:`CHUNK_ELEMS` values, and
-streamed to their planned offsets (:class:`m3_trt.quantize.ShardedWriter`): memory stays at one
+streamed to their planned offsets (:class:`m3_trt.quant.quantize.ShardedWriter`): memory stays at one
 chunk however wide or deep the model is. ``--format mxfp8`` stores the tensors the real checkpoint
-stores as FP8 (:func:`m3_trt.quantize.is_quantized_key`) as E4M3 codes + E8M0 ``[rows, cols/32]``
+stores as FP8 (:func:`m3_trt.quant.quantize.is_quantized_key`) as E4M3 codes + E8M0 ``[rows, cols/32]``
 scales, with the ``quantization_config`` transformers reads; ``bf16`` stores everything in bf16
 (the MoE ``e_score_correction_bias`` stays float32, as in MiniMax's checkpoints).
 
 Presets (``--layers N`` sets the depth of each):
 
-* ``m3``: the real widths (:func:`m3_trt.config.full_size`: hidden 6144, 64/4 heads, 128 experts ×
+* ``m3``: the real widths (:func:`m3_trt.model.config.full_size`: hidden 6144, 64/4 heads, 128 experts ×
   3072, dense 12288, vocab 200064, vision 1280 × 32 layers) — one MoE layer is 14.8 GB in bf16;
 * ``medium``: hidden 1024, 16 experts × 512, vocab 16384 (the memory-bound test's width);
 * ``small``: hidden 256, 8 experts × 128, vocab ≈ the tokenizer's (the parity tests' width).
@@ -44,13 +44,13 @@ from pathlib import Path
 
 import torch
 
-from . import config as cfgmod
-from .checkpoint import SCALE_SUFFIX, original_layout
-from .model import M3ForConditionalGeneration
-from .outputs import SYNTHETIC, check_output
-from .quantize import (DEFAULT_SHARD_BYTES, E4M3, ShardedWriter, TensorSpec, finish, is_quantized_key,
+from m3_trt.model import config as cfgmod
+from m3_trt.model.checkpoint import SCALE_SUFFIX, original_layout
+from m3_trt.model.modeling import M3ForConditionalGeneration
+from m3_trt.outputs import SYNTHETIC, check_output
+from m3_trt.quant.quantize import (DEFAULT_SHARD_BYTES, E4M3, ShardedWriter, TensorSpec, finish, is_quantized_key,
                        new_work_dir, quantization_config, quantize_mxfp8, scale_spec)
-from .tiny_tokenizer import write_tiny_tokenizer
+from m3_trt.checkpoints.tiny_tokenizer import write_tiny_tokenizer
 
 FORMATS = ("mxfp8", "bf16")
 MARKER = "m3_trt_synthetic.json"

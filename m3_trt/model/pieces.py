@@ -3,13 +3,13 @@
 A *piece* is the unit a build holds in memory at once: ``embedding``, ``layer.<i>`` (one decoder
 layer), ``head`` (final norm + LM head), ``vision`` (the vision tower) and ``projector``. Pieces
 are assigned by the in-memory parameter name each checkpoint key maps to
-(:func:`m3_trt.checkpoint.map_key`), so both on-disk layouts (the original MiniMax one and
+(:func:`m3_trt.model.checkpoint.map_key`), so both on-disk layouts (the original MiniMax one and
 transformers') stream the same way.
 
 :class:`PieceModel` is the whole model built on the ``meta`` device (no memory); ``with
 pm.loaded(piece, dtype):`` materializes only that piece's parameters from the memory-mapped
 shards (FP8 codes dequantized with their block scales, exactly as
-:func:`m3_trt.checkpoint.load_into` does), converts them to ``dtype`` and returns them to
+:func:`m3_trt.model.checkpoint.load_into` does), converts them to ``dtype`` and returns them to
 ``meta`` on exit. Peak memory is one piece in fp32 plus its copy in ``dtype``; the shards'
 memory maps are opened per piece and dropped after it (mapped pages count in RSS).
 :meth:`PieceReader.raw` gives a piece's tensors as stored (FP8 codes and scales untouched).
@@ -26,9 +26,9 @@ from typing import Iterator
 
 import torch
 
-from .checkpoint import (FP8_DTYPES, IGNORED, SCALE_SUFFIX, CheckpointError, SafetensorsCheckpoint, _place,
+from m3_trt.model.checkpoint import (FP8_DTYPES, IGNORED, SCALE_SUFFIX, CheckpointError, SafetensorsCheckpoint, _place,
                          dequantize_fp8, map_key)
-from .config import M3Config
+from m3_trt.model.config import M3Config
 
 _LAYER = re.compile(r"^model\.language_model\.layers\.(\d+)\.")
 # (in-memory name prefix, piece); layers are matched by _LAYER first
@@ -171,7 +171,7 @@ class PieceModel:
     """The model on ``meta``, materialized one piece at a time from the checkpoint."""
 
     def __init__(self, ckpt: str | Path, cfg: M3Config | None = None):
-        from .model import M3ForConditionalGeneration
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         self.cfg = cfg or M3Config.from_pretrained(ckpt)
         with torch.device("meta"):

@@ -12,12 +12,12 @@ pieces that are missing or differ. Without ``--resume`` a stale partial folder i
 ``build.json`` (written last): target, plan, layout, config, every file with its sha256, tool
 versions, measured quantization errors, which pieces were computed or reused by this run.
 
-Rank weight files stream (:mod:`m3_trt.pieces`): the checkpoint is read one piece (embedding, a
+Rank weight files stream (:mod:`m3_trt.model.pieces`): the checkpoint is read one piece (embedding, a
 decoder layer, head, vision tower, projector) at a time and each piece is appended to every
 rank's file; ``parts.jsonl`` records each finished (piece, rank) with its byte range and sha256,
 so a build killed at layer k resumes at layer k. ``workers`` > 1 converts pieces in a process
-pool (the host-memory plan, :func:`m3_trt.plan.host_memory`, refuses a number the host cannot
-hold). FP8 activation scales are calibrated layer by layer (:func:`m3_trt.quant.calibrate_layerwise`);
+pool (the host-memory plan, :func:`m3_trt.build.plan.host_memory`, refuses a number the host cannot
+hold). FP8 activation scales are calibrated layer by layer (:func:`m3_trt.quant.fp8.calibrate_layerwise`);
 the ONNX export of one rank streams too (:func:`m3_trt.export.onnx.export_model`); the sharded
 split graphs and the FP8 Q/DQ export still load the whole model. Every journal record carries the *input key*
 (checkpoint files' names, sizes and mtimes, the target with its overrides, the calibration file,
@@ -42,10 +42,10 @@ from typing import Callable
 
 import torch
 
-from .outputs import BUILD, check_output, partial_dir, swap_into_place
-from .targets import Target, load_target
+from m3_trt.model.modeling import DTYPES
+from m3_trt.outputs import BUILD, check_output, partial_dir, swap_into_place
+from m3_trt.build.targets import Target, load_target
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUILD_FORMAT = "m3-trt-build/1"
 
 
@@ -59,7 +59,7 @@ def sha256(path: Path) -> str:
 
 def checkpoint_scale_block(ckpt: str | Path) -> tuple[int, int] | None:
     """The FP8 block shape of a checkpoint's float32 ``*_scale_inv`` tensors, or None (no weights / none)."""
-    from .checkpoint import SCALE_SUFFIX, CheckpointError, SafetensorsCheckpoint
+    from m3_trt.model.checkpoint import SCALE_SUFFIX, CheckpointError, SafetensorsCheckpoint
 
     try:
         ck = SafetensorsCheckpoint(ckpt)
@@ -142,7 +142,7 @@ def build(ckpt: str | Path, target: Target | str, out: str | Path, *, resume: bo
     ``out`` follows :func:`m3_trt.outputs.check_output`: never equal to, inside or containing the
     checkpoint (or ``calib``); an existing folder is replaced only when it is a previous build
     (``build.json`` of ours) or ``overwrite`` is set. ``workers`` > 1 converts that many pieces at
-    once in a process pool; refused when :func:`m3_trt.plan.host_memory` says the host lacks the memory.
+    once in a process pool; refused when :func:`m3_trt.build.plan.host_memory` says the host lacks the memory.
     """
     tgt = load_target(target) if isinstance(target, str) else target
     ckpt = Path(ckpt)
@@ -219,10 +219,10 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
            workers: int = 1) -> dict:
     from tqdm import tqdm
 
-    from .config import M3Config
-    from .pieces import PieceModel
-    from .plan import host_memory, make_plan
-    from .runtime.rank_weights import stream_rank_weights
+    from m3_trt.model.config import M3Config
+    from m3_trt.model.pieces import PieceModel
+    from m3_trt.build.plan import host_memory, make_plan
+    from m3_trt.build.rank_weights import stream_rank_weights
 
     cfg = M3Config.from_pretrained(ckpt)
     scale_block = checkpoint_scale_block(ckpt)
@@ -257,7 +257,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
 
     if fp8:
         def make_calibration() -> list[Path]:
-            from . import quant
+            from m3_trt.quant import fp8 as quant
 
             # layer by layer (one layer's weights in memory); a fresh PieceModel: calibration hooks it
             cpm = PieceModel(ckpt, cfg)
@@ -325,7 +325,7 @@ class _FullModel:
         self.ckpt, self.model = ckpt, None
 
     def get(self):
-        from .model import M3ForConditionalGeneration
+        from m3_trt.model.modeling import M3ForConditionalGeneration
 
         if self.model is None:
             self.model = M3ForConditionalGeneration.from_pretrained(self.ckpt, dtype=torch.float32)
@@ -342,7 +342,7 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
     One rank: ``export_model`` of the whole model into ``rank0/onnx`` (verified). Several ranks:
     the replicated components once into ``replicated/onnx``, the split decoder graphs once into
     ``onnx_graphs/``, then each rank's weights + manifest into ``rank<r>/onnx`` (see
-    :mod:`m3_trt.runtime.onnx_export`), each verified in ONNX Runtime against its torch part.
+    :mod:`m3_trt.export.onnx.ranks`), each verified in ONNX Runtime against its torch part.
     A failed verification fails the build. One-rank FP8 builds export Q/DQ graphs (E4M3 weights,
     calibrated per-tensor activation scales: ``m3_trt.export.onnx.fp8``); sharded FP8 builds still
     export the activation-dtype weights of each rank (no Q/DQ in the split graphs yet).
@@ -353,14 +353,14 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
     """
     from m3_trt.export.onnx import PLUGIN_MODES, export_model
 
-    from .runtime.onnx_export import REPLICATED, export_graphs, verify_rank, write_rank
+    from m3_trt.export.onnx.ranks import REPLICATED, export_graphs, verify_rank, write_rank
 
     kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len, max_batch=tgt.max_batch)
     fp8_qdq = tgt.weight_dtype == "fp8" and lay.world == 1
     if fp8_qdq:
         kw.update(quant="fp8", calib=calib, calib_ckpt=ckpt)
     info: dict = {"mode": "whole model (export_model)" if lay.world == 1 else
-                  "per rank, decoder layers split at their collectives (m3_trt.runtime.onnx_export)",
+                  "per rank, decoder layers split at their collectives (m3_trt.export.onnx.ranks)",
                   "weights": "fp8 Q/DQ (E4M3 weights per channel, calibrated per-tensor activations)" if fp8_qdq
                   else f"{tgt.dtype}" + (" (unquantized: FP8 Q/DQ not in the sharded graphs)"
                                          if tgt.weight_dtype == "fp8" else ""), "ranks": {}}
@@ -386,7 +386,7 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
         info["ranks"]["0"] = {"dir": "rank0/onnx", "verify": json.loads(
             (dirs[0] / "manifest.json").read_text()).get("verify")}
     else:
-        from .runtime.model import RankModel
+        from m3_trt.model.rank import RankModel
 
         kernels = PLUGIN_MODES[tgt.plugins]
         piece("onnx/replicated", lambda: export_whole(work / "replicated" / "onnx", REPLICATED))
@@ -457,7 +457,7 @@ def _engines(work: Path, tgt: Target, lay, dirs: dict[int, Path], piece, log) ->
 def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
     """One engine per (layer, part) of a rank's split graphs (weights baked in)."""
     from m3_trt.export.tensorrt import build_in_subprocess
-    from m3_trt.export.tensorrt_build import _relative, graph_for, profile_for
+    from m3_trt.export.tensorrt_build import relative_report, graph_for, profile_for
 
     manifest = json.loads((rank_dir / "manifest.json").read_text())
     eng = rank_dir / "engines"
@@ -471,7 +471,7 @@ def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:
                 rep = build_in_subprocess(path, eng / f"{name}.plan", dtype=tgt.dtype,
                                           profiles=profile_for(manifest["graphs"][p["graph"]], manifest),
                                           plugins=("m3",) if manifest["plugins"] == "m3" else ())
-            reports[name] = _relative(rep.to_dict(), rank_dir)
+            reports[name] = relative_report(rep.to_dict(), rank_dir)
             log(f"[tensorrt] rank{manifest['rank']} {name}: {'ok' if rep.ok else 'FAILED: ' + str(rep.error)}")
     (eng / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
     return sorted(q for q in eng.iterdir() if q.is_file())

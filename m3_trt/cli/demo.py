@@ -9,24 +9,11 @@ end) → server stopped. Every stage's output stays in the workdir for inspectio
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
-
-def demo_image_png(size: tuple[int, int] = (112, 84)) -> bytes:
-    """A deterministic synthetic picture (gradient + disc) encoded as PNG."""
-    import numpy as np
-    from PIL import Image
-
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), np.full_like(x, 96)], -1)
-    img[(x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 4) ** 2] = (250, 220, 40)
-    buf = io.BytesIO()
-    Image.fromarray(img.astype("uint8")).save(buf, format="PNG")
-    return buf.getvalue()
+from m3_trt.processing.samples import demo_image_png
 
 
 class _Stages:
@@ -50,8 +37,8 @@ class _Stages:
 
 
 def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: int = 12) -> int:
-    from .cli import cmd_info
-    from .tiny import make_tiny
+    from m3_trt.cli.main import cmd_info
+    from m3_trt.checkpoints.tiny import make_tiny
 
     st = _Stages()
     workdir = Path(workdir)
@@ -80,7 +67,7 @@ def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: i
     st.done(engines_note)
 
     st.start("5. triton-repo")
-    from .serving.repository import write_repository
+    from m3_trt.serving.repository import write_repository
 
     repo = workdir / "triton-repo"
     write_repository(ckpt, repo, backend="torch", bls=True, max_input_len=4096, overwrite=True)
@@ -89,8 +76,8 @@ def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: i
 
     image = workdir / "demo.png"
     image.write_bytes(demo_image_png())
-    from .serving.client import M3Client
-    from .serving.server import TritonServer
+    from m3_trt.serving.client import M3Client
+    from m3_trt.serving.server import TritonServer
 
     st.start("6. tritonserver + gRPC client (image + text, streamed)")
     with TritonServer(repo) as server:
@@ -120,8 +107,8 @@ def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: i
 
 def _build_cpu(ckpt: Path, out: Path) -> Path:
     """``build-engine --target cpu`` (resumable); returns the folder of its verified ONNX export."""
-    from .build import build
-    from .targets import load_target
+    from m3_trt.build.builder import build
+    from m3_trt.build.targets import load_target
 
     manifest = build(ckpt, load_target("cpu"), out, resume=out.exists(), progress=True)
     onnx_dir = out / "rank0" / "onnx"  # the cpu target is one rank with ONNX on
@@ -132,8 +119,8 @@ def _build_cpu(ckpt: Path, out: Path) -> Path:
 
 
 def _tensorrt_engines(onnx_dir: Path) -> str:
-    from .export.tensorrt import trt_available, trt_unavailable_reason
-    from .export.tensorrt_build import build_engines
+    from m3_trt.export.tensorrt import trt_available, trt_unavailable_reason
+    from m3_trt.export.tensorrt_build import build_engines
 
     if not trt_available():
         msg = f"skipped: {trt_unavailable_reason()}"
@@ -145,6 +132,6 @@ def _tensorrt_engines(onnx_dir: Path) -> str:
 
 
 def _compare(ckpt: Path, out: Path, **kw) -> int:
-    from .compare.cli import cmd_compare
+    from m3_trt.compare.cli import cmd_compare
 
     return cmd_compare(ckpt=ckpt, out=out, **kw)

@@ -11,46 +11,11 @@ import json
 import sys
 from pathlib import Path
 
-
-def param_counts(cfg) -> dict[str, int]:
-    """Total parameters and parameters active per text token (``k`` of ``E`` routed experts)."""
-    t, v = cfg.text, cfg.vision
-    H, D, Hq, G = t.hidden_size, t.head_dim, t.num_attention_heads, t.num_key_value_heads
-    attn = H * Hq * D * 2 + H * G * D * 2 + 2 * D
-    indexer = H * t.index_n_heads * t.index_head_dim + H * t.index_head_dim + 2 * t.index_head_dim
-    dense = 3 * H * t.dense_intermediate_size
-    expert = 3 * H * t.intermediate_size
-    shared = 3 * H * t.shared_intermediate_size
-    router = t.num_local_experts * H + t.num_local_experts
-    total_text, active_text = 0, 0
-    for lt, mt in zip(t.layer_types, t.mlp_layer_types):
-        layer = attn + 2 * H + (indexer if lt == "minimax_m3_sparse" else 0)
-        if mt == "sparse":
-            total_text += layer + router + shared + t.num_local_experts * expert
-            active_text += layer + router + shared + t.num_experts_per_tok * expert
-        else:
-            total_text += layer + dense
-            active_text += layer + dense
-    emb = t.vocab_size * H
-    head = 0 if cfg.tie_word_embeddings else t.vocab_size * H
-    vl = v.hidden_size * (4 * v.hidden_size + 4) + 2 * v.hidden_size * v.intermediate_size \
-        + v.intermediate_size + v.hidden_size + 4 * v.hidden_size
-    vision = v.patch_dim * v.hidden_size + 2 * v.hidden_size + v.num_hidden_layers * vl
-    P = cfg.projector_hidden_size
-    proj = v.hidden_size * P + P + P * H + H + cfg.merged_hidden_size * P + P + P * H + H
-    return {
-        "total": total_text + emb + head + t.hidden_size + vision + proj,
-        "text_decoder": total_text,
-        "active_per_token": active_text + emb // t.vocab_size + head + t.hidden_size,
-        "vision_tower": vision,
-        "projector": proj,
-        "embedding": emb,
-        "lm_head": head,
-    }
+from m3_trt.model.params import param_counts
 
 
 def cmd_make_tiny(*, out: Path, seed: int) -> int:
-    from .tiny import make_tiny
+    from m3_trt.checkpoints.tiny import make_tiny
 
     print(f"make-tiny: out={out} seed={seed}")
     path = make_tiny(out, seed=seed)
@@ -59,7 +24,7 @@ def cmd_make_tiny(*, out: Path, seed: int) -> int:
 
 
 def cmd_info(*, ckpt: Path) -> int:
-    from .config import M3Config
+    from m3_trt.model.config import M3Config
 
     cfg = M3Config.from_pretrained(ckpt)
     t, v = cfg.text, cfg.vision
@@ -87,9 +52,9 @@ def cmd_info(*, ckpt: Path) -> int:
 
 
 def cmd_generate(*, ckpt: Path, prompt: str, images: list[Path], max_tokens: int, kernels: str) -> int:
-    from .generate import generate
-    from .model import M3ForConditionalGeneration
-    from .processing import M3Processor
+    from m3_trt.model.generate import generate
+    from m3_trt.model.modeling import M3ForConditionalGeneration
+    from m3_trt.processing import M3Processor
 
     print(f"generate: ckpt={ckpt} kernels={kernels} max_tokens={max_tokens} images={[str(i) for i in images]}")
     proc = M3Processor.from_pretrained(ckpt)
@@ -137,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", type=Path, default=Path("artifacts/demo"))
     s.add_argument("--prompt", default="Describe the picture.")
     s.add_argument("--max-tokens", type=int, default=12)
-    s.set_defaults(fn=lambda a: __import__("m3_trt.demo", fromlist=["run_demo"]).run_demo(
+    s.set_defaults(fn=lambda a: __import__("m3_trt.cli.demo", fromlist=["run_demo"]).run_demo(
         a.workdir, prompt=a.prompt, max_tokens=a.max_tokens))
 
     for register in _extension_registrars():
@@ -149,9 +114,9 @@ def _extension_registrars():
     """Commands that live beside their libraries (export, engines, serving, compare)."""
     import importlib
 
-    for mod, fn in (("m3_trt.export.cli", "register"), ("m3_trt.engines_cli", "register"),
+    for mod, fn in (("m3_trt.export.cli", "register"), ("m3_trt.build.cli", "register"),
                     ("m3_trt.serving.cli", "register"), ("m3_trt.compare.cli", "register"),
-                    ("m3_trt.synthetic", "register"), ("m3_trt.quantize", "register")):
+                    ("m3_trt.checkpoints.synthetic", "register"), ("m3_trt.quant.quantize", "register")):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

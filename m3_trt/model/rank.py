@@ -1,6 +1,6 @@
 """One rank of the reference model, built from the reference's own blocks on sliced weights.
 
-``RankModel`` subclasses :class:`m3_trt.model.M3ForConditionalGeneration` and keeps its parameter
+``RankModel`` subclasses :class:`m3_trt.model.modeling.M3ForConditionalGeneration` and keeps its parameter
 names (sliced per :mod:`.shard`), its ``forward`` (embedding, RoPE, the layer loop, final norm, LM
 head), ``embed`` / vision path and ``generate`` compatibility; only the decoder layers differ:
 
@@ -24,18 +24,17 @@ All ranks produce identical logits, so greedy decoding stays in lock-step withou
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cache import StaticCache
-from ..config import M3Config, TextConfig
-from ..model import Attention, DenseMLP, M3ForConditionalGeneration, RMSNorm, Router
-from ..vision import Projector, VisionTower
-from .shard import Layout, check_divisible, local_experts, local_heads, shard_state
+from m3_trt.model.cache import StaticCache
+from m3_trt.model.config import M3Config, TextConfig
+from m3_trt.model.modeling import Attention, DenseMLP, M3ForConditionalGeneration, RMSNorm, Router
+from m3_trt.model.vision import Projector, VisionTower
+from m3_trt.model.shard import Layout, check_divisible, local_experts, local_heads, shard_state
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -154,24 +153,3 @@ class RankModel(M3ForConditionalGeneration):
     def new_cache(self, batch: int, max_len: int) -> StaticCache:
         return StaticCache.allocate(self.local_text, batch, max_len, dtype=self.lm_head.weight.dtype,
                                     device=self.lm_head.weight.device)
-
-
-def load_rank(build_dir: str | Path, rank: int, kernels: str = "reference") -> RankModel:
-    """Rank ``rank`` of a ``build-engine`` output (``rank<r>/weights.safetensors`` + ``build.json``)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    build_dir = Path(build_dir)
-    manifest = json.loads((build_dir / "build.json").read_text())
-    cfg = M3Config.from_dict(manifest["config"])
-    lay = Layout(**manifest["layout"])
-    state = load_file(str(build_dir / f"rank{rank}" / "weights.safetensors"))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[manifest["target"]["dtype"]]
-    scales = build_dir / f"rank{rank}" / "fp8_scales.safetensors"
-    if scales.is_file():  # FP8 build: weights are stored as E4M3 codes + scales
-        from ..quant import dequantize_state
-
-        state = dequantize_state(state, load_file(str(scales)))
-    return RankModel.from_state(cfg, lay, rank, {k: v.float() for k, v in state.items()}, dtype=dtype,
-                                kernels=kernels)

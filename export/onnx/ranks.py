@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..cache import LayerCache
-from ..model import DenseMLP, rope_cos_sin
-from .model import RankModel, RankMoE
+from m3_trt.model.cache import LayerCache
+from m3_trt.model.modeling import rope_cos_sin
+from m3_trt.model.rank import RankModel, RankMoE
 
 REPLICATED = ["embedding", "head", "vision_encoder", "projector"]
 FORMAT = "m3-trt-onnx-rank/1"
@@ -119,7 +119,8 @@ def collectives(rm: RankModel, i: int) -> dict:
 
 def part_specs(rm: RankModel, i: int, B: int, T: int):
     """``[(graph name, module, Spec)]`` for layer ``i`` of ``rm`` (the exporter's Spec)."""
-    from m3_trt.export.onnx.exporter import DTYPES, Spec, attention_io
+    from m3_trt.export.onnx.specs import Spec, attention_io
+    from m3_trt.model.modeling import DTYPES
 
     t, lt = rm.config.text, rm.local_text
     dt = rm.lm_head.weight.dtype
@@ -204,7 +205,7 @@ def verify_rank(rm: RankModel, rank_dir: Path, seed: int = 0) -> dict:
     """Each of the rank's layer graphs in ONNX Runtime vs its torch part (prefill + decode inputs)."""
     import onnxruntime as ort
 
-    from m3_trt.export.onnx.exporter import example_inputs
+    from m3_trt.export.onnx.specs import example_inputs
     from m3_trt.export.onnx.runtime import layer_model, session_options
     from m3_trt.export.onnx.verify import TOLERANCE, _rel
 

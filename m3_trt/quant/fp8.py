@@ -1,10 +1,10 @@
 """FP8 (E4M3) quantization: weight scales, activation calibration, an emulated forward, error report.
 
-* Weights (the tensors :func:`m3_trt.plan.is_fp8_weight` names: decoder-layer Linear weights and
+* Weights (the tensors :func:`is_fp8_weight` names: decoder-layer Linear weights and
   experts, not the router): the checkpoint's own block scales are kept where it has them (the
   weight is re-coded with exactly those scales, so a native FP8 checkpoint round-trips bit for
   bit); otherwise one fp32 scale per output channel, ``amax(row) / 448``. Scales are stored as
-  ``[..., rows, 1]`` (per channel) or the block grid, so :func:`m3_trt.checkpoint.dequantize_fp8`
+  ``[..., rows, 1]`` (per channel) or the block grid, so :func:`m3_trt.model.checkpoint.dequantize_fp8`
   reads both.
 * Activations: per-tensor scales ``amax / 448`` of every quantized matmul's input, measured on a
   calibration set (a built-in text + image prompt set, or a ``--calib`` jsonl of
@@ -29,14 +29,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import dequantize_fp8
-from .plan import is_fp8_weight
+from m3_trt.model.checkpoint import dequantize_fp8
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 
 
 # -- weights ------------------------------------------------------------------------------------
+
+
+def is_fp8_weight(name: str, t: torch.Tensor) -> bool:
+    """The tensors an FP8 build stores as E4M3 (decoder-layer Linear weights except the router)."""
+    return name.startswith("model.language_model.layers.") and t.dim() >= 2 and not name.endswith("mlp.gate.weight")
+
+
+def fp8_scale_shape(shape: tuple[int, ...], scale_block: tuple[int, int] | None) -> tuple[int, ...]:
+    """Per output channel ``[..., rows, 1]``, or the block grid ``[..., rows/br, cols/bc]``."""
+    *lead, rows, cols = shape
+    if scale_block is None:
+        return (*lead, rows, 1)
+    br, bc = scale_block
+    return (*lead, -(-rows // br), -(-cols // bc))
+
 
 def quantize_weight(w: torch.Tensor, scale_inv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes E4M3, scale fp32)`` with ``w ≈ dequantize_fp8(codes, scale)``; keeps given block scales."""
@@ -129,7 +143,7 @@ class Fp8Emulation:
     def attach(self, model: nn.Module, prefix: str = "") -> "Fp8Emulation":
         """``model``: the whole model, or one decoder layer with ``prefix`` = its full name
         (``model.language_model.layers.<i>``: the layer-by-layer calibration)."""
-        from .model import MoE
+        from m3_trt.model.modeling import MoE
 
         with torch.no_grad():
             for name, p in model.named_parameters(prefix=prefix):
@@ -183,7 +197,7 @@ def has_tokenizer(ckpt: str | Path) -> bool:
 def token_id_inputs(ckpt: str | Path, calib: str | Path | None = None) -> list[dict]:
     """Calibration inputs from token ids (a checkpoint without tokenizer files): ``calib`` lines
     ``{"input_ids": [int, ...]}``, or built-in seeded random ids below the image token (text only)."""
-    from .config import M3Config
+    from m3_trt.model.config import M3Config
 
     cfg = M3Config.from_pretrained(ckpt)
     V = min(cfg.text.vocab_size, min(t for t in (cfg.image_token_id, cfg.video_token_id) if t is not None)
@@ -227,7 +241,7 @@ def calibration_inputs(ckpt: str | Path, calib: str | Path | None = None) -> lis
     """
     from PIL import Image
 
-    from .processing import M3Processor
+    from m3_trt.processing import M3Processor
 
     if not has_tokenizer(ckpt):
         return token_id_inputs(ckpt, calib)
@@ -271,7 +285,7 @@ def calibrate(model: nn.Module, inputs: list[dict], emu: Fp8Emulation | None = N
 @torch.no_grad()
 def layer_errors(ref: nn.Module, fp8: nn.Module, inputs: list[dict]) -> list[dict]:
     """Per decoder layer: ``isolated`` and ``cumulative`` relative error of FP8 vs the reference."""
-    from .model import rope_cos_sin
+    from m3_trt.model.modeling import rope_cos_sin
 
     n = ref.config.text.num_hidden_layers
     num_iso, num_cum, den = [0.0] * n, [0.0] * n, [0.0] * n
@@ -295,7 +309,7 @@ def calibrate_layerwise(pm, inputs: list[dict], dtype: torch.dtype,
                         block_scales: Callable[[str], dict[str, torch.Tensor]] | None = None
                         ) -> tuple[Fp8Emulation, list[dict]]:
     """:func:`calibrate` + :func:`layer_errors` one decoder layer at a time (``pm``: a fresh
-    :class:`m3_trt.pieces.PieceModel`; its modules get hooks).
+    :class:`m3_trt.model.pieces.PieceModel`; its modules get hooks).
 
     Per input three hidden states are carried from layer to layer: the reference (``dtype``), the
     calibration stream (QDQ weights, activations observed) and the FP8 stream (QDQ weights and
@@ -304,7 +318,7 @@ def calibrate_layerwise(pm, inputs: list[dict], dtype: torch.dtype,
     and the reference input (the ``isolated`` error). Only one layer's weights are in memory; the
     numbers equal the whole-model functions' (same modules, same order of accumulation).
     """
-    from .model import rope_cos_sin
+    from m3_trt.model.modeling import rope_cos_sin
 
     model = pm.model
     cfg = model.config
@@ -340,10 +354,3 @@ def calibrate_layerwise(pm, inputs: list[dict], dtype: torch.dtype,
         h_ref = ref_out
     emu.block_scales = {}
     return emu, errors
-
-
-def convert_shards_fp8(*args, **kwargs) -> dict:
-    """Streaming per-channel E4M3 conversion of every shard: see :mod:`m3_trt.quant_convert`."""
-    from .quant_convert import convert_shards_fp8 as convert
-
-    return convert(*args, **kwargs)

@@ -1,7 +1,7 @@
 """The build plan: ranks, what is sharded how, per-rank memory, and whether it fits.
 
 Everything is computed from the config and the target alone (the model is built on the ``meta``
-device and sliced with :mod:`m3_trt.runtime.shard`), so a plan needs only ``config.json``.
+device and sliced with :mod:`m3_trt.model.shard`), so a plan needs only ``config.json``.
 
 Per-rank memory terms (bytes):
 
@@ -27,25 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .config import M3Config
-from .runtime.shard import Layout, check_divisible, local_experts, local_heads, shard_tensor
-from .targets import BYTES, Target
+from m3_trt.model.config import M3Config
+from m3_trt.model.shard import Layout, check_divisible, local_experts, local_heads, shard_tensor
+from m3_trt.build.targets import BYTES, Target
+from m3_trt.quant.fp8 import fp8_scale_shape, is_fp8_weight
 
 GIB = 1024**3
-
-
-def is_fp8_weight(name: str, t: torch.Tensor) -> bool:
-    """The tensors an FP8 build stores as E4M3 (decoder-layer Linear weights except the router)."""
-    return name.startswith("model.language_model.layers.") and t.dim() >= 2 and not name.endswith("mlp.gate.weight")
-
-
-def fp8_scale_shape(shape: tuple[int, ...], scale_block: tuple[int, int] | None) -> tuple[int, ...]:
-    """Per output channel ``[..., rows, 1]``, or the block grid ``[..., rows/br, cols/bc]``."""
-    *lead, rows, cols = shape
-    if scale_block is None:
-        return (*lead, rows, 1)
-    br, bc = scale_block
-    return (*lead, -(-rows // br), -(-cols // bc))
 
 
 @dataclass
@@ -125,7 +112,7 @@ class Plan:
 
 
 def _meta_state(cfg: M3Config) -> dict[str, torch.Tensor]:
-    from .model import M3ForConditionalGeneration
+    from m3_trt.model.modeling import M3ForConditionalGeneration
 
     with torch.device("meta"):
         return dict(M3ForConditionalGeneration(cfg).state_dict())
@@ -234,7 +221,7 @@ def host_memory(cfg: M3Config, workers: int = 1, available: int | None = None) -
     fp32 (the fp32 fill, its sharded / cast copy, the FP8 codes); with ``workers`` > 1 the main
     process only appends the workers' results (its base).
     """
-    from .pieces import piece_of
+    from m3_trt.model.pieces import piece_of
 
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be >= 1")

@@ -1,0 +1,4 @@
+"""The ``m3-trt`` command line (``main``) and the end-to-end ``demo``: the top of the import flow.
+
+May import anything in ``m3_trt``; nothing imports it. Importing the package itself imports nothing.
+"""
