@@ -4,8 +4,9 @@
 
 Route (a): ``m3-trt export --dtype fp16`` with ``--plugins none`` and ``--plugins m3``, then
 ``m3_trt.export.tensorrt_build.build_engines`` (TensorRT's ONNX parser; plugin creators registered
-for the m3 variant). Route (b): ``m3_trt.export.tensorrt.network_model.build_network_engines``
-(network API, native LLM layers). Every build runs in its own child process; per component the
+for the m3 variant). Route (b): ``m3_trt.export.tensorrt.network_build.build_network_engines``
+(network API, native LLM layers; ``build-engine --set trt_route=network``). Builds run in child
+processes (route (a): one per engine; route (b): one worker for all); per component the
 JSON records build seconds (network parse/write + build, child start-up excluded), engine bytes,
 layer count and layer types, plus route (b)'s IO check against the ``--plugins none`` manifest.
 Engines cannot be run here (no GPU), so there is no latency column. Results go to
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
 
     from m3_trt.export.onnx import export_model
     from m3_trt.export.tensorrt import backend_name
-    from m3_trt.export.tensorrt.network_model import build_network_engines
+    from m3_trt.export.tensorrt.network_build import build_network_engines
     from m3_trt.export.tensorrt_build import build_engines
     from m3_trt.model.modeling import M3ForConditionalGeneration
     from m3_trt.checkpoints.tiny import make_tiny

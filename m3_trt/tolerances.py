@@ -30,6 +30,10 @@ TOLERANCES: dict[tuple[str, str], float] = {
     ("onnx_component", "fp16"): 2e-2,
     ("onnx_component", "bf16"): 2e-2,
     ("sharded", "fp32"): 1e-5,
+    # a sharded FP8 build's per-rank ONNX (Q/DQ, numpy all-reduce) vs the one-rank FP8 emulation
+    # (m3_trt.quant.fp8) given the same weight and activation scales: the same E4M3 values, fp32
+    # sums reordered across ranks (measured 2.6e-7 on the tiny checkpoint, TP2+EP2).
+    ("sharded_fp8_vs_emulation", "fp32"): 1e-5,
     # served vision step: the exported vision_encoder + projector in ONNX Runtime on a ragged batch
     # of requests vs torch get_image_features; the same fp32 component chain as onnx_component.
     ("serving_onnx_vision", "fp32"): 1e-5,
@@ -37,6 +41,7 @@ TOLERANCES: dict[tuple[str, str], float] = {
     # vs the torch component, same dtype: same formulas, reordered sums (dense MoE combine, one GEMM).
     ("trt_network_shadow", "fp32"): 1e-5,
     ("trt_network_shadow", "fp16"): 2e-2,
+    ("trt_network_shadow", "bf16"): 2e-2,  # bf16 targets (build-engine --set trt_route=network); tiny: <= 5.2e-3
 }
 
 # FP8 builds are judged by agreement of the argmax token with the bf16 model on a fixed prompt set.

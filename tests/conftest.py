@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny checkpoint (made once per session) and transformers twins."""
+"""Shared fixtures: the fixed seed of every test, the tiny checkpoint (made once per session), its exports."""
 
 from __future__ import annotations
 
@@ -8,6 +8,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tolerances.py and helpers import by name
+
+from seeds import seed_everything  # noqa: E402  (after the path line above)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Every test starts from the fixed ``seeds.TEST_SEED`` (printed; shown with a failure's output),
+    whatever ran before it; a test takes ``seed`` as an argument to put it in its messages."""
+    return seed_everything()
 
 
 @pytest.fixture(scope="session")

@@ -73,10 +73,10 @@ def test_fp8_fake_quant_error_within_e4m3_step():
 # -- the command on the tiny checkpoint ------------------------------------------------------------
 
 def _compare(tmp_path, ckpt, name, **kw) -> tuple[int, dict, str]:
-    from m3_trt.compare.cli import cmd_compare
+    from m3_trt.compare.cli import CompareOptions, cmd_compare
 
     out = tmp_path / name
-    rc = cmd_compare(ckpt=ckpt, out=out, **kw)
+    rc = cmd_compare(CompareOptions(ckpt=ckpt, out=out, **kw))
     return rc, json.loads((out / "report.json").read_text()), (out / "report.txt").read_text()
 
 

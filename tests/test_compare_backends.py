@@ -9,9 +9,9 @@ import pytest
 
 
 def _compare(out, ckpt, **kw) -> tuple[int, dict]:
-    from m3_trt.compare.cli import cmd_compare
+    from m3_trt.compare.cli import CompareOptions, cmd_compare
 
-    rc = cmd_compare(ckpt=ckpt, out=out, **kw)
+    rc = cmd_compare(CompareOptions(ckpt=ckpt, out=out, **kw))
     return rc, json.loads((out / "report.json").read_text())
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from m3_trt.model.checkpoint import CheckpointError
-from m3_trt.compare.cli import cmd_compare
+from m3_trt.compare.cli import CompareOptions, cmd_compare
 from m3_trt.outputs import OutputError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -45,7 +45,7 @@ def test_transformers_backend_refuses_a_pickle_only_folder_without_unpickling(ti
     marker = tmp_path / "unpickled"
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(CheckpointError, match=r"has no model.safetensors.*pytorch_model.bin: pickle files are never"):
-        cmd_compare(ckpt=folder, backend="transformers", tokens=0, out=tmp_path / "cmp")
+        cmd_compare(CompareOptions(ckpt=folder, backend="transformers", tokens=0, out=tmp_path / "cmp"))
     assert main(["compare", str(folder), "--backend", "transformers", "--tokens", "0",
                  "--out", str(tmp_path / "cmp2")]) == 2
     assert not marker.exists()
@@ -63,7 +63,7 @@ def no_tokenizer_ckpt(tiny_ckpt, tmp_path_factory):
 
 def test_checkpoint_without_tokenizer_compares_on_token_ids(no_tokenizer_ckpt, tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", kernels="torch", tokens=3, out=out)
+    rc = cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", kernels="torch", tokens=3, out=out))
     printed = capsys.readouterr().out
     rep = json.loads((out / "report.json").read_text())
     assert rc == 0 and rep["verdict"] == "pass", printed
@@ -90,8 +90,8 @@ def test_token_id_prompts_still_catch_a_corrupted_backend(no_tokenizer_ckpt, tmp
         if sa == sb:
             tb[a], tb[b] = ta[a], ta[b]
         save_file(tb, sb, metadata={"format": "pt"})
-    rc = cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", backend_path=bad, layers=True, tokens=0,
-                     out=tmp_path / "cmp")
+    rc = cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", backend_path=bad, layers=True,
+                                    tokens=0, out=tmp_path / "cmp"))
     rep = json.loads((tmp_path / "cmp" / "report.json").read_text())
     assert rc == 1 and rep["first_failure"]["what"] == "layer.1", rep["first_failure"]
 
@@ -118,7 +118,7 @@ def test_report_location_is_explicit(no_tokenizer_ckpt, tmp_path, monkeypatch, c
     monkeypatch.chdir(cwd)
     ids = tmp_path / "ids.jsonl"
     ids.write_text(json.dumps({"input_ids": list(range(20))}) + "\n")
-    assert cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0) == 0
+    assert cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0)) == 0
     printed = capsys.readouterr().out
     assert list(cwd.iterdir()) == []  # nothing written where the command ran
     where = Path(printed.split("the report goes to ")[1].split()[0])
@@ -129,16 +129,18 @@ def test_report_location_is_explicit(no_tokenizer_ckpt, tmp_path, monkeypatch, c
         shutil.rmtree(where)
     # --out is never the checkpoint, nor a folder of the user's (unless --overwrite)
     with pytest.raises(OutputError, match="is the input"):
-        cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=no_tokenizer_ckpt)
+        cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0,
+                                   out=no_tokenizer_ckpt))
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
     with pytest.raises(OutputError, match="is not a previous compare output"):
-        cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=mine)
-    assert cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=mine, overwrite=True) == 0
+        cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=mine))
+    assert cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=mine,
+                                      overwrite=True)) == 0
     assert (mine / "notes.txt").read_text() == "keep"  # the report is written beside, nothing removed
     # now it holds a compare report: a re-run may replace that without --overwrite
-    assert cmd_compare(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=mine) == 0
+    assert cmd_compare(CompareOptions(ckpt=no_tokenizer_ckpt, backend="torch", prompts=ids, tokens=0, out=mine)) == 0
 
 
 def test_transformers_backend_refuses_an_index_pointing_outside(tiny_ckpt, tmp_path):
@@ -150,4 +152,4 @@ def test_transformers_backend_refuses_an_index_pointing_outside(tiny_ckpt, tmp_p
     index["weight_map"] = {k: ("../" + v if v == first else v) for k, v in index["weight_map"].items()}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="is not a plain file name in the checkpoint folder"):
-        cmd_compare(ckpt=ckpt, backend="transformers", tokens=0, out=tmp_path / "cmp")
+        cmd_compare(CompareOptions(ckpt=ckpt, backend="transformers", tokens=0, out=tmp_path / "cmp"))

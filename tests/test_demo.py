@@ -11,9 +11,9 @@ pytest.importorskip("pytriton")
 
 
 def test_demo_runs_every_stage_and_comparisons_pass(tmp_path, capsys):
-    from m3_trt.cli.demo import run_demo
+    from m3_trt.cli.demo import DemoOptions, run_demo
 
-    rc = run_demo(tmp_path / "demo", max_tokens=6)
+    rc = run_demo(DemoOptions(workdir=tmp_path / "demo", max_tokens=6))
     out = capsys.readouterr().out
     assert rc == 0, out[-4000:]
     for stage in ("1. make-tiny", "3. build-engine --target cpu", "5. triton-repo",

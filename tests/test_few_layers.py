@@ -81,6 +81,8 @@ def test_onnx_export_passes_and_a_corrupted_layer_is_named(tiny_ckpt, tiny_expor
 def test_bad_requests_are_named(tiny_ckpt, prompts):
     with pytest.raises(ValueError, match="checkpoint has 4 decoder layers"):
         run_first_layers(tiny_ckpt, n_layers=5, backend="torch", prompts=prompts)
-    with pytest.raises(ValueError, match="supports the backends torch, onnxruntime"):
+    with pytest.raises(ValueError, match="supports the backends torch, onnxruntime, sharded, not 'transformers'"):
+        run_first_layers(tiny_ckpt, n_layers=1, backend="transformers", prompts=prompts)
+    with pytest.raises(ValueError, match="--backend sharded needs --backend-path"):
         run_first_layers(tiny_ckpt, n_layers=1, backend="sharded", prompts=prompts)
     assert main(["compare", str(tiny_ckpt), "--backend", "torch", "--first-layers", "1", "--fp8-emulate"]) == 2

@@ -151,6 +151,13 @@ def test_refusals(quantized, tiny_ckpt, tmp_path):
     with pytest.raises(OutputError, match="is inside the input"):
         quantize_checkpoint(tiny_ckpt, tiny_ckpt / "q", fmt="mxfp8")
     assert not (tiny_ckpt / "q").exists()
+    bad = tmp_path / "bad.jsonl"  # a bad --calib line is named before any conversion work
+    bad.write_text(json.dumps({"text": "ok"}) + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object"):
+        quantize_checkpoint(tiny_ckpt, tmp_path / "x", fmt="mxfp8", calib=bad)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.partial*"))
+    with pytest.raises(QuantizeError, match="--calib .*missing.jsonl: no such file"):
+        quantize_checkpoint(tiny_ckpt, tmp_path / "x", fmt="mxfp8", calib=tmp_path / "missing.jsonl")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -184,3 +191,43 @@ def test_gpu_loader_would_convert_exactly_the_fp8_modules(quantized, fmt):
     # negative control: bare original prefixes leave the vision tower's Linears to be converted
     assert not should_convert_module("model.vision_tower.layers.0.mlp.fc1", skip)
     assert should_convert_module("model.vision_tower.layers.0.mlp.fc1", ["vision_tower"])
+
+
+def test_calib_adds_layer_output_errors_and_changes_no_byte(quantized, tiny_ckpt, tmp_path):
+    """``m3-trt quantize --calib FILE``: the checkpoint is byte-identical to the one without (so the
+    transformers parity above holds for it), and the report's per-layer output errors — streamed,
+    one layer in memory — equal the whole-model computation (:func:`layer_errors`: our dequantized
+    load of OUT vs the source, fp32) on the same prompts. Negative control: the shared expert's
+    scales of layer 1 three exponents off raise that layer's isolated error over five-fold, and not layer 0's."""
+    from m3_trt.cli.main import main
+    from m3_trt.quant.fp8 import calibration_inputs, layer_errors
+    from m3_trt.quant.quantize import output_errors
+
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("Name three rivers.", "Count to five.")))
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_ckpt), str(out), "--format", "mxfp8", "--calib", str(calib)]) == 0
+    _, plain = quantized["mxfp8"]
+    for f in sorted(plain.glob("*.safetensors")):
+        assert f.read_bytes() == (out / f.name).read_bytes(), f.name
+    rep = json.loads((out / "quantize_report.json").read_text())["output_errors"]
+    assert rep["prompts"] == 2 and rep["calib"] == str(calib)
+    inputs = calibration_inputs(tiny_ckpt, calib)
+    with torch.no_grad():
+        want = layer_errors(M3ForConditionalGeneration.from_pretrained(tiny_ckpt),
+                            M3ForConditionalGeneration.from_pretrained(out), inputs)
+    assert [r["layer"] for r in rep["layers"]] == [0, 1, 2, 3]
+    for got, ref in zip(rep["layers"], want):
+        assert got["isolated"] == pytest.approx(ref["isolated"], rel=1e-4), (got, ref)
+        assert got["cumulative"] == pytest.approx(ref["cumulative"], rel=1e-4), (got, ref)
+        assert 1e-3 < got["isolated"] < 0.2
+    # negative control: a wrong scale in layer 1
+    bad = shutil.copytree(out, tmp_path / "bad")
+    key = "language_model.model.layers.1.block_sparse_moe.shared_experts.down_proj.weight" + SCALE_SUFFIX
+    shard = bad / json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"][key]
+    state = load_file(shard)
+    state[key] = state[key] + 3  # E8M0: x8 (the shared expert sees every token)
+    save_file(state, shard, metadata={"format": "pt"})
+    worse = output_errors(tiny_ckpt, bad, calib)["layers"]
+    assert worse[1]["isolated"] > 5 * rep["layers"][1]["isolated"]
+    assert worse[0]["isolated"] == pytest.approx(rep["layers"][0]["isolated"], rel=1e-9)

@@ -15,6 +15,11 @@ layers of one variant share a graph. ONNX Runtime and TensorRT fold those ops at
 ``plugins="m3"`` exports the indexer selection, the block-sparse attention and the MoE as single
 ``m3``-domain nodes (TensorRT plugin attributes included); ``plugins="none"`` writes the same
 computation in standard ONNX ops (static shapes; the MoE runs every expert with a dense combine).
+
+A checkpoint streams: one piece (embedding, a decoder layer, head, vision tower, projector) in
+memory at a time, ``quant="fp8"`` included — each decoder layer gets its E4M3 codes and scales
+(:func:`m3_trt.export.onnx.fp8.fp8_layer`) while it is loaded, with activation scales calibrated
+layer by layer or handed in by the build.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ import torch
 from m3_trt.model.modeling import DTYPES, M3ForConditionalGeneration
 from m3_trt.outputs import ONNX_EXPORT, OutputError, check_output, swap_into_place
 from m3_trt.model.pieces import PieceModel
+from m3_trt.quant import fp8 as qfp8
 
 from m3_trt.export.onnx import components as C
+from m3_trt.export.onnx.fp8 import BLOCKED_OPSET, fp8_layer
 from m3_trt.export.onnx.specs import OPSET, PLUGIN_MODES, ExportOptions, Spec, component_specs, example_inputs
 
 _ONNX_DTYPE = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.int32: 6,
@@ -42,7 +49,7 @@ _ONNX_DTYPE = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.in
 
 
 def export_spec(spec: Spec, path: Path, model_cfg, plugins: str, data_name: str,
-                quant: str = "none") -> dict[str, tuple[int, int]]:
+                quant: str = "none", opset: int = OPSET) -> dict[str, tuple[int, int]]:
     """Export ``spec`` to ``path`` with every parameter as external data in ``data_name``.
 
     Memory stays at the module's own weights: the exporter never serialises them (parameters are
@@ -68,7 +75,7 @@ def export_spec(spec: Spec, path: Path, model_cfg, plugins: str, data_name: str,
         # optimize=False keeps parameters as named initializers (nothing folded into a transposed
         # or `1 + w` copy), which is what lets the layers of a variant share one graph
         program = torch.onnx.export(spec.module, args, None, dynamo=True, dynamic_shapes=tuple(dynamic_shapes),
-                                    input_names=names, output_names=spec.outputs, opset_version=OPSET,
+                                    input_names=names, output_names=spec.outputs, opset_version=opset,
                                     optimize=False,
                                     custom_translation_table=_translation_table(plugins, quant) or None,
                                     verbose=False)
@@ -193,16 +200,21 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
                  plugins: str = "m3", max_seq_len: int = 256, max_batch: int = 8, verify: bool = False,
                  components: list[str] | None = None, progress: Callable[[str], None] | None = print,
                  quant: str = "none", calib: str | Path | None = None, calib_ckpt: str | Path | None = None,
-                 overwrite: bool = False) -> Path:
+                 act_scales: dict[str, float] | None = None, overwrite: bool = False) -> Path:
     """Export every component into ``out`` (written in a temp folder beside it, then renamed).
 
     ``out`` follows :func:`m3_trt.outputs.check_output`: never equal to, inside or containing the
     checkpoint (or ``calib``); an existing ``out`` is replaced only when it is a previous export
     (``manifest.json`` of ours) or ``overwrite`` is set.
 
-    ``quant="fp8"``: E4M3 weights and calibrated per-tensor activation scales as Q/DQ pairs
-    (``fp8.py``); calibration prompts come from ``calib`` (jsonl) or the built-in set, rendered with
-    the checkpoint's processor (``calib_ckpt`` when ``source`` is an in-memory model).
+    A checkpoint path (or :class:`PieceModel`) streams: one piece of the checkpoint in memory at a
+    time. ``quant="fp8"``: E4M3 weights and per-tensor activation scales as Q/DQ pairs (``fp8.py``),
+    each decoder layer quantized while it is loaded (the checkpoint's block scales kept where it
+    has them: a blocked DequantizeLinear, opset 21). ``act_scales`` (weight name → input scale, a
+    build's ``calibration.json``) or else calibration layer by layer
+    (:func:`m3_trt.quant.fp8.calibrate_layerwise`, in ``dtype``) on ``calib`` (jsonl) or the
+    built-in set, rendered with the checkpoint's processor (``calib_ckpt``'s, when given). An
+    in-memory model is not quantized (``quant="fp8"`` needs a checkpoint).
     """
     opts = ExportOptions(dtype=dtype, plugins=plugins, max_seq_len=max_seq_len, max_batch=max_batch, verify=verify,
                          quant=quant)
@@ -214,40 +226,40 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
         # an empty folder: check_output lets it through, but nothing says it is ours to replace
         raise OutputError(f"export: {out} already exists and is not a previous export (no manifest.json of "
                           f"ours); choose a new output folder, or pass --overwrite to replace it")
-    load = _whole
+    dt = DTYPES[dtype]
+    load, pm = _whole, None
     if isinstance(source, M3ForConditionalGeneration):
-        model, source_desc = source, "in-memory model"
-    elif quant == "fp8":  # calibration runs the whole model
-        model, source_desc = M3ForConditionalGeneration.from_pretrained(source), str(source)
+        model, source_desc = source.to(dt), "in-memory model"
     else:  # stream: one piece of the checkpoint in memory at a time
         pm = source if isinstance(source, PieceModel) else PieceModel(source)
         model, source_desc = pm.model, str(pm.reader.path)
-        load = lambda piece: pm.loaded(piece, DTYPES[dtype])  # noqa: E731
-    model = model.to(DTYPES[dtype]).eval().set_kernels(PLUGIN_MODES[plugins])
-    act_amax = None
-    if quant == "fp8":
-        from m3_trt.quant.fp8 import calibration_inputs
-
-        from m3_trt.export.onnx.fp8 import fp8_model
-
-        ckpt_for_calib = calib_ckpt or (None if isinstance(source, M3ForConditionalGeneration) else source)
-        if ckpt_for_calib is None:
-            raise ValueError("quant='fp8' with an in-memory model needs calib_ckpt (for its processor)")
-        model, act_amax = fp8_model(model, calibration_inputs(ckpt_for_calib, calib))
+        load = lambda piece: pm.loaded(piece, dt)  # noqa: E731
+    model = model.eval().set_kernels(PLUGIN_MODES[plugins])
     if max_seq_len > model.config.text.max_position_embeddings:
         raise ValueError(f"max_seq_len={max_seq_len} exceeds max_position_embeddings="
                          f"{model.config.text.max_position_embeddings}")
+    quant_info, opset = None, OPSET
+    if quant == "fp8":
+        if pm is None:
+            raise ValueError("quant='fp8' streams from a checkpoint (its path or a PieceModel), layer by layer; "
+                             "an in-memory model cannot be quantized by the export")
+        act_scales, calib_desc = _fp8_act_scales(pm, dt, act_scales, calib, calib_ckpt)
+        native = _has_block_scales(pm)
+        load = _fp8_load(model, pm, dt, act_scales)
+        opset = BLOCKED_OPSET if native else OPSET
+        quant_info = {
+            "scheme": "fp8-e4m3",
+            "weights": ("the checkpoint's own codes and block scales (blocked DequantizeLinear, fp32 scales)"
+                        if native else "per output channel, fp32 scales") + " (decoder layers, not the router)",
+            "activations": "per tensor, static, amax/448 from calibration (linear inputs)",
+            "calibration": calib_desc, "activation_scales": dict(sorted(act_scales.items()))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial.", dir=out.parent))
     try:
-        manifest = _export_into(model, tmp, opts, components, progress, load)
+        manifest = _export_into(model, tmp, opts, components, progress, load, opset)
         manifest["source"] = source_desc
-        if act_amax is not None:
-            manifest["quantization"] = {
-                "scheme": "fp8-e4m3", "weights": "per output channel (decoder layers, not the router)",
-                "activations": "per tensor, static, amax/448 from calibration (linear inputs)",
-                "calibration": str(calib) if calib else "built-in prompt set (m3_trt.quant.fp8.BUILTIN_PROMPTS)",
-                "act_amax": act_amax}
+        if quant_info is not None:
+            manifest["quantization"] = quant_info
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         tmp.chmod(0o755)
         swap_into_place(tmp, out)
@@ -255,6 +267,40 @@ def export_model(source: str | Path | M3ForConditionalGeneration, out: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _fp8_act_scales(pm, dt: torch.dtype, act_scales, calib, calib_ckpt) -> tuple[dict[str, float], str]:
+    """The activation scales of an FP8 export and where they came from."""
+    if act_scales is not None:
+        return dict(act_scales), "given (a build's calibration.json)"
+    ckpt = calib_ckpt or pm.reader.path
+    cpm = PieceModel(pm.reader.path, pm.cfg)  # calibration hooks its modules: a model of its own
+    emu, _ = qfp8.calibrate_layerwise(cpm, qfp8.calibration_inputs(ckpt, calib), dt,
+                                       cpm.reader.block_scales if _has_block_scales(pm) else None)
+    return emu.scales(), qfp8.calibration_source(ckpt, calib) + " (layer by layer)"
+
+
+def _has_block_scales(pm: PieceModel) -> bool:
+    return any(e.scale_key for p, es in pm.reader.entries.items() if p.startswith("layer.") for e in es)
+
+
+def _fp8_load(model, pm: PieceModel, dt: torch.dtype, act_scales: dict[str, float]):
+    """``load(piece)`` of an FP8 export: a decoder layer comes in (fp32 from a checkpoint, so block-scaled
+    weights re-code to the checkpoint's codes), gets its Fp8 modules (:func:`fp8.fp8_layer`) and
+    leaves with its originals back; other pieces load as usual."""
+
+    @contextlib.contextmanager
+    def load(piece: str):
+        if not piece.startswith("layer."):
+            with pm.loaded(piece, dt):
+                yield
+            return
+        i = int(piece.split(".")[1])
+        layer = model.model.language_model.layers[i]
+        with pm.loaded(piece, torch.float32):
+            with fp8_layer(layer, f"model.language_model.layers.{i}", dt, act_scales, pm.reader.block_scales(piece)):
+                yield
+    return load
 
 
 def _whole(piece: str):
@@ -266,14 +312,15 @@ def _whole(piece: str):
 _COMPONENT_PIECE = {"embedding": "embedding", "head": "head", "vision_encoder": "vision", "projector": "projector"}
 
 
-def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, progress, load=_whole) -> dict:
+def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, progress, load=_whole,
+                 opset: int = OPSET) -> dict:
     """Export (and verify) component by component; ``load(piece)`` holds that piece's weights in
     memory while it is exported, written and verified (a decoder layer at a time)."""
     import onnx
     import onnxruntime
 
     manifest = {
-        "format": "m3-trt-onnx/1", "opset": OPSET, "dtype": opts.dtype, "plugins": opts.plugins, "quant": opts.quant,
+        "format": "m3-trt-onnx/1", "opset": opset, "dtype": opts.dtype, "plugins": opts.plugins, "quant": opts.quant,
         "max_seq_len": opts.max_seq_len, "max_batch": opts.max_batch, "config": model.config.to_hf_dict(),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "components": [],
@@ -291,7 +338,7 @@ def _export_into(model, out: Path, opts: ExportOptions, only: list[str] | None, 
         first = spec.layers[0] if spec.layers else None
         data_name = f"layer_{first}.data" if spec.layers else f"{spec.name}.data"
         with load(f"layer.{first}" if spec.layers else _COMPONENT_PIECE[spec.name]):
-            layout = export_spec(spec, path, model.config, opts.plugins, data_name, opts.quant)
+            layout = export_spec(spec, path, model.config, opts.plugins, data_name, opts.quant, opset=opset)
             entry = {"name": spec.name, "file": path.name, **_io_signature(path), "seconds": None}
             if not spec.layers:
                 entry["data"] = data_name

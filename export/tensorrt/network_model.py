@@ -35,14 +35,17 @@ contiguous (``start_b, start_b+1, …``), which is how prefill and decode call a
 per-token positions (gaps, reordering) are not supported by route (b). The write also needs
 ``start_b + S <= T``. ``T`` must be a multiple of ``index_block_size`` on sparse layers (the
 block max is a reshape).
+
+Where it is used: ``m3-trt build-engine --set backend=tensorrt --set trt_route=network``
+(``m3_trt.export.tensorrt_build.network_route_engines``); builds run in a child process
+(``network_build``), and each component's writer is checked against torch on the shadow network
+(``network_check``), because the engines cannot run without a GPU.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
@@ -252,7 +255,7 @@ def write_decoder_layer(w, model, index: int, dtype: str, max_seq_len: int, *, n
 
 # -- expected IO, profiles, builds -------------------------------------------------------------------
 
-_MANIFEST_DT = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
+_MANIFEST_DT = {"float": "FLOAT", "float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
                 "bool": "BOOL"}
 
 
@@ -293,6 +296,22 @@ def io_differences(report: dict, entry: dict, *, documented: bool = True) -> lis
         if got != want:
             diffs.append(f"{what}s: route (b) {got} != expected {want}")
     return diffs
+
+
+def network_limits(text_cfg, max_seq_len: int, dtype: str) -> list[str]:
+    """Why the network route cannot write this model at ``max_seq_len`` / ``dtype`` ([] = it can)."""
+    c = text_cfg
+    why = []
+    if dtype not in PRECISIONS:
+        why.append(f"dtype={dtype!r}: the network route writes {', '.join(PRECISIONS)} networks")
+    sparse = [i for i in range(c.num_hidden_layers) if c.layer_variant(i).startswith("sparse")]
+    if sparse and max_seq_len % c.index_block_size:
+        why.append(f"max_seq_len={max_seq_len} must be a multiple of index_block_size={c.index_block_size} "
+                   f"(sparse layers {sparse}: the network takes the block max with a reshape)")
+    if sparse and c.index_head_dim < c.rotary_dim:
+        why.append(f"index_head_dim={c.index_head_dim} < rotary_dim={c.rotary_dim}: the indexer's RoPE is not one "
+                   "the native rotary layer can express")
+    return why
 
 
 def component_plan(model, max_seq_len: int) -> list[tuple[str, str, Callable]]:
@@ -356,125 +375,3 @@ def shadow_run(model, name: str, feeds: dict, *, dtype: str, max_seq_len: int,
     else:
         {"embedding": write_embedding, "head": write_head}[name](w, model, dtype)
     return w.net.run()
-
-
-def build_network_engines(model, out_dir, *, dtype: str = "fp16", max_batch: int = 4, max_seq_len: int = 128,
-                          manifest: dict | str | Path | None = None, only: list[str] | None = None,
-                          timeout_s: float = 600.0, progress=print) -> dict[str, dict]:
-    """Build route (b) engines for embedding, every decoder layer and the head into ``out_dir``.
-
-    Each build runs in a child process (the builder can abort); the model's config and state dict
-    are saved once to a temporary file the children load. Returns
-    ``{component: BuildReport dict}`` (also written to ``out_dir/report.json``); with an ONNX
-    ``manifest`` each report gains ``io_diff`` (empty when the IO equals the ONNX component's).
-    """
-    _trt_dtype(import_trt_or_raise(), dtype)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(manifest, (str, Path)):
-        manifest = json.loads(Path(manifest).read_text())
-    entries = {c["name"]: c for c in (manifest or {}).get("components", [])}
-    reports = {}
-    with _ModelHandoff(model) as handoff:
-        for name, onnx_name, _ in component_plan(model, max_seq_len):
-            if only and name not in only:
-                continue
-            rep = build_in_child(handoff, name, out / f"{name}.plan", dtype=dtype, max_batch=max_batch,
-                                 max_seq_len=max_seq_len, timeout_s=timeout_s)
-            if onnx_name in entries:
-                rep["io_diff"] = io_differences(rep, entries[onnx_name]) if rep["inputs"] else ["no network IO"]
-            reports[name] = rep
-            if progress:
-                status = f"ok, {rep['engine_bytes']} bytes, {rep['num_layers']} layers" if rep["ok"] else f"FAILED: {rep['error']}"
-                progress(f"[tensorrt network] {name}: {status} ({rep['seconds']:.1f}s)")
-    (out / "report.json").write_text(json.dumps(reports, indent=2) + "\n")
-    return reports
-
-
-def import_trt_or_raise():
-    from m3_trt.export.tensorrt._trt import import_trt
-
-    return import_trt()
-
-
-class _ModelHandoff:
-    """Saves the model's state once into a temp file that build children load (``torch.load``)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        import tempfile
-
-        import torch
-
-        self._dir = tempfile.TemporaryDirectory(prefix="m3_trt_netbuild_")
-        self.path = Path(self._dir.name) / "model.pt"
-        torch.save({"config": self.model.config.to_hf_dict(), "state": self.model.state_dict()}, self.path)
-        return self
-
-    def __exit__(self, *exc):
-        self._dir.cleanup()
-
-
-def load_handoff(path: str | Path):
-    import torch
-
-    from m3_trt.model.config import M3Config
-    from m3_trt.model.modeling import M3ForConditionalGeneration
-
-    blob = torch.load(path, weights_only=True)
-    with torch.device("meta"):
-        model = M3ForConditionalGeneration(M3Config.from_dict(blob["config"]))
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(blob["state"])
-    return model.float().eval()
-
-
-def build_in_child(handoff: "_ModelHandoff", name: str, engine_path, *, dtype: str, max_batch: int,
-                   max_seq_len: int, num_heads: int | None = None, timeout_s: float = 600.0) -> dict:
-    """``build_one`` in ``python -m m3_trt.export.tensorrt.network_model``; always returns a report dict
-    (stage 'crashed' / 'timeout' when the child dies, 'write' with the exception when writing fails)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-
-    from m3_trt.export.tensorrt.builder import BuildReport
-
-    spec = dict(model=str(handoff.path), name=name, engine_path=str(engine_path), dtype=dtype, max_batch=max_batch,
-                max_seq_len=max_seq_len, num_heads=num_heads, timeout_s=timeout_s)
-    with tempfile.TemporaryDirectory(prefix="m3_trt_netchild_") as tmp:
-        spec_file, report_file = Path(tmp) / "spec.json", Path(tmp) / "report.json"
-        spec_file.write_text(json.dumps(spec))
-        try:
-            proc = subprocess.run([sys.executable, "-m", __name__, str(spec_file), str(report_file)],
-                                  capture_output=True, text=True, timeout=timeout_s + 60, env=dict(os.environ))
-        except subprocess.TimeoutExpired:
-            return BuildReport(ok=False, stage="timeout", error=f"{name}: build child killed after {timeout_s + 60:.0f} s").to_dict()
-        if report_file.exists():
-            return json.loads(report_file.read_text())
-        how = signal.Signals(-proc.returncode).name if proc.returncode < 0 else f"exit {proc.returncode}"
-        return BuildReport(ok=False, stage="crashed",
-                           error=f"{name}: build child died ({how}); stderr tail:\n{(proc.stderr or '')[-3000:]}").to_dict()
-
-
-def _child_main(spec_file: str, report_file: str) -> int:
-    from m3_trt.export.tensorrt.builder import BuildReport
-
-    spec = json.loads(Path(spec_file).read_text())
-    model = load_handoff(spec["model"])
-    try:
-        report = build_one(model, spec["name"], spec["engine_path"], dtype=spec["dtype"], max_batch=spec["max_batch"],
-                           max_seq_len=spec["max_seq_len"], num_heads=spec["num_heads"], timeout_s=spec["timeout_s"])
-    except Exception as exc:  # a layer TensorRT refuses to create surfaces as a Python exception
-        report = BuildReport(ok=False, stage="write-network", error=f"{type(exc).__name__}: {exc}")
-    Path(report_file).write_text(json.dumps(report.to_dict()))
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(_child_main(sys.argv[1], sys.argv[2]))

@@ -18,8 +18,10 @@ rank's file; ``parts.jsonl`` records each finished (piece, rank) with its byte r
 so a build killed at layer k resumes at layer k. ``workers`` > 1 converts pieces in a process
 pool (the host-memory plan, :func:`m3_trt.build.plan.host_memory`, refuses a number the host cannot
 hold). FP8 activation scales are calibrated layer by layer (:func:`m3_trt.quant.fp8.calibrate_layerwise`);
-the ONNX export of one rank streams too (:func:`m3_trt.export.onnx.export_model`); the sharded
-split graphs and the FP8 Q/DQ export still load the whole model. Every journal record carries the *input key*
+the ONNX export of one rank streams too (:func:`m3_trt.export.onnx.export_model`), and the sharded
+split graphs are filled one layer at a time from the rank files (:mod:`m3_trt.export.onnx.ranks`);
+a one-rank FP8 Q/DQ export quantizes each layer as it streams (the rank files' codes and scales).
+Every journal record carries the *input key*
 (checkpoint files' names, sizes and mtimes, the target with its overrides, the calibration file,
 the tool version: :func:`input_key`); a ``--resume`` with other inputs starts over and says what
 changed. Half-written exporter folders (``.<name>.partial.*``) are removed on resume.
@@ -222,7 +224,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
     from m3_trt.model.config import M3Config
     from m3_trt.model.pieces import PieceModel
     from m3_trt.build.plan import host_memory, make_plan
-    from m3_trt.build.rank_weights import stream_rank_weights
+    from m3_trt.build.rank_weights import native_fp8_report, stream_rank_weights
 
     cfg = M3Config.from_pretrained(ckpt)
     scale_block = checkpoint_scale_block(ckpt)
@@ -253,7 +255,6 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
     lay = plan.layout
     fp8 = tgt.weight_dtype == "fp8"
     pm = PieceModel(ckpt, cfg)  # the model on meta; pieces are materialized one at a time
-    full = _FullModel(ckpt)     # only the sharded ONNX graphs and FP8 Q/DQ ONNX still need the whole model
 
     if fp8:
         def make_calibration() -> list[Path]:
@@ -271,7 +272,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
         piece("calibration", make_calibration)
 
     todo = [r for r in range(lay.world) if not (resume and journal.verified(f"rank{r}/weights"))]
-    native: dict[str, float] = {}
+    native: dict[str, dict] = {}
     writers, kept = stream_rank_weights(pm, cfg, tgt, lay, work, todo, journal.key, resume, log, progress, native,
                                         workers=workers)
     for r in range(lay.world):
@@ -279,8 +280,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
             return [w.finish() for w in writers[r]]
         piece(f"rank{r}/weights", make_rank)
 
-    onnx_info = _onnx_pieces(pm, full, cfg, tgt, lay, work, piece, log, ckpt=ckpt, calib=calib) if tgt.onnx else None
-    full.drop()
+    onnx_info = _onnx_pieces(pm, cfg, tgt, lay, work, piece, log, ckpt=ckpt, calib=calib) if tgt.onnx else None
 
     def make_trtllm() -> list[Path]:
         from m3_trt.export.trtllm import write_trtllm
@@ -293,12 +293,9 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
         files.update(rec)
     quant_report = json.loads((work / "calibration.json").read_text()) if fp8 else None
     if fp8 and native:  # what this run wrote (a resumed run reports only the pieces it wrote)
-        quant_report["native_fp8"] = {
-            "tensors": len(native), "max_rel_weight_error": max(native.values()),
-            "reference": "the checkpoint's own dequantized weights (codes and block scales kept)"}
+        quant_report["native_fp8"] = native_fp8_report(native)
     elif fp8:
-        quant_report["native_fp8"] = {"tensors": 0, "why": "checkpoint has no FP8 block scales" if lay.world == 1
-                                      else "sharded build: block scales are re-derived per output channel"}
+        quant_report["native_fp8"] = {"tensors": 0, "why": "checkpoint has no FP8 block scales"}
     manifest = {
         "format": BUILD_FORMAT, "target": tgt.to_dict(), "plan": plan.to_dict(), "layout": {
             "world": lay.world, "tp": lay.tp, "ep": lay.ep}, "config": cfg.to_hf_dict(), "checkpoint": str(ckpt),
@@ -318,24 +315,7 @@ def _build(ckpt: Path, tgt: Target, out: Path, work: Path, *, resume: bool, prog
     return manifest
 
 
-class _FullModel:
-    """The whole fp32 model, loaded on first use (sharded ONNX, FP8 Q/DQ ONNX) and dropped after."""
-
-    def __init__(self, ckpt: Path):
-        self.ckpt, self.model = ckpt, None
-
-    def get(self):
-        from m3_trt.model.modeling import M3ForConditionalGeneration
-
-        if self.model is None:
-            self.model = M3ForConditionalGeneration.from_pretrained(self.ckpt, dtype=torch.float32)
-        return self.model
-
-    def drop(self) -> None:
-        self.model = None
-
-
-def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: Path | None = None,
+def _onnx_pieces(pm, cfg, tgt: Target, lay, work: Path, piece, log, *, ckpt: Path | None = None,
                  calib=None) -> dict:
     """Per-rank ONNX (+ engines with ``backend = tensorrt``); returns what goes into build.json.
 
@@ -344,26 +324,31 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
     ``onnx_graphs/``, then each rank's weights + manifest into ``rank<r>/onnx`` (see
     :mod:`m3_trt.export.onnx.ranks`), each verified in ONNX Runtime against its torch part.
     A failed verification fails the build. One-rank FP8 builds export Q/DQ graphs (E4M3 weights,
-    calibrated per-tensor activation scales: ``m3_trt.export.onnx.fp8``); sharded FP8 builds still
-    export the activation-dtype weights of each rank (no Q/DQ in the split graphs yet).
+    calibrated per-tensor activation scales: ``m3_trt.export.onnx.fp8``); so do sharded FP8 builds,
+    each rank's split graphs carrying the E4M3 codes + scales of its ``rank<r>`` weight files (the
+    MoE plugin, ``plugins = "m3"``, holding only the rank's expert range).
 
-    Memory: a one-rank non-FP8 export and the replicated components stream (``pm``, one piece in
-    memory at a time); the FP8 Q/DQ export and the sharded split graphs still materialize the
-    whole model (``full``).
+    Memory: a one-rank export (FP8 Q/DQ included: each layer quantized while it is loaded, with
+    the codes and scales the rank files hold) and the replicated components stream (``pm``, one
+    piece in memory at a time); the sharded split graphs are filled one decoder layer at a time from
+    the rank weight files the build wrote (a ``RankModel`` on ``meta``).
     """
     from m3_trt.export.onnx import PLUGIN_MODES, export_model
 
-    from m3_trt.export.onnx.ranks import REPLICATED, export_graphs, verify_rank, write_rank
+    from m3_trt.export.onnx.ranks import REPLICATED, RankWeights, export_graphs, read_act_scales, write_rank
 
     kw = dict(dtype=tgt.dtype, plugins=tgt.plugins, max_seq_len=tgt.max_seq_len, max_batch=tgt.max_batch)
     fp8_qdq = tgt.weight_dtype == "fp8" and lay.world == 1
-    if fp8_qdq:
-        kw.update(quant="fp8", calib=calib, calib_ckpt=ckpt)
+    if fp8_qdq:  # the export quantizes each layer as it streams, with the scales calibrated above
+        kw.update(quant="fp8", calib=calib, calib_ckpt=ckpt,
+                  act_scales=json.loads((work / "calibration.json").read_text())["activation_scales"])
     info: dict = {"mode": "whole model (export_model)" if lay.world == 1 else
                   "per rank, decoder layers split at their collectives (m3_trt.export.onnx.ranks)",
-                  "weights": "fp8 Q/DQ (E4M3 weights per channel, calibrated per-tensor activations)" if fp8_qdq
-                  else f"{tgt.dtype}" + (" (unquantized: FP8 Q/DQ not in the sharded graphs)"
-                                         if tgt.weight_dtype == "fp8" else ""), "ranks": {}}
+                  "weights": "fp8 Q/DQ (rank0's E4M3 codes and fp32 scales, calibrated per-tensor activations)"
+                  if fp8_qdq
+                  else ("fp8 Q/DQ (each rank's E4M3 codes and fp32 scales from rank<r>/weights.safetensors + "
+                        "fp8_scales.safetensors, calibrated per-tensor activations; routed experts weight-only)"
+                        if tgt.weight_dtype == "fp8" else f"{tgt.dtype}"), "ranks": {}}
 
     def files_under(d: Path) -> list[Path]:
         return sorted(p for p in d.rglob("*") if p.is_file())
@@ -375,8 +360,7 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
 
     def export_whole(dst: Path, components=None) -> list[Path]:
         shutil.rmtree(dst, ignore_errors=True)
-        source = full.get().to(DTYPES[tgt.dtype]).eval() if fp8_qdq else pm
-        export_model(source, dst, verify=True, components=components, progress=log, **kw)
+        export_model(pm, dst, verify=True, components=components, progress=log, **kw)
         check(str(dst.relative_to(work)), json.loads((dst / "manifest.json").read_text()).get("verify", {}))
         return files_under(dst)
 
@@ -393,14 +377,14 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
         info["replicated"] = {"dir": "replicated/onnx", "components": REPLICATED, "verify": json.loads(
             (work / "replicated" / "onnx" / "manifest.json").read_text()).get("verify")}
 
-        def model():
-            return full.get().to(DTYPES[tgt.dtype]).eval()
+        # streamed from the rank files the build wrote (a RankModel on meta, one layer filled at a
+        # time): the graphs carry exactly those tensors, FP8 codes and scales included
+        act = read_act_scales(work / "calibration.json") if tgt.weight_dtype == "fp8" else None
 
         def make_graphs() -> list[Path]:
             shutil.rmtree(work / "onnx_graphs", ignore_errors=True)
-            rm0 = RankModel.from_full(model(), lay, 0, dtype=DTYPES[tgt.dtype], kernels=kernels)
-            export_graphs(rm0, work / "onnx_graphs", plugins=tgt.plugins, max_seq_len=tgt.max_seq_len,
-                          max_batch=tgt.max_batch, progress=log)
+            export_graphs(RankModel.on_meta(cfg, lay, 0, kernels), RankWeights(work / "rank0"), work / "onnx_graphs",
+                          act_scales=act, progress=log, **kw)
             return files_under(work / "onnx_graphs")
         piece("onnx/graphs", make_graphs)
         dirs = {}
@@ -410,9 +394,8 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
 
             def make_rank(r=r, dst=dst) -> list[Path]:
                 shutil.rmtree(dst, ignore_errors=True)
-                rm = RankModel.from_full(model(), lay, r, dtype=DTYPES[tgt.dtype], kernels=kernels)
-                write_rank(rm, work / "onnx_graphs", dst, replicated="../../replicated/onnx", **kw)
-                verify = verify_rank(rm, dst)
+                verify = write_rank(RankModel.on_meta(cfg, lay, r, kernels), RankWeights(work / f"rank{r}"),
+                                    work / "onnx_graphs", dst, replicated="../../replicated/onnx", act_scales=act, **kw)
                 (dst / "verify.json").write_text(json.dumps(verify, indent=2) + "\n")
                 log(f"[build] rank{r}/onnx: verified, ok={verify.get('ok')}")
                 check(f"rank{r}/onnx", verify)
@@ -421,15 +404,32 @@ def _onnx_pieces(pm, full: _FullModel, cfg, tgt: Target, lay, work: Path, piece,
             info["ranks"][str(r)] = {"dir": f"rank{r}/onnx",
                                      "verify": json.loads((dst / "verify.json").read_text())}
     if tgt.backend == "tensorrt":
-        info["engines"] = _engines(work, tgt, lay, dirs, piece, log)
+        info["engines"] = _engines(work, tgt, lay, dirs, piece, log, pm=pm)
     return info
 
 
-def _engines(work: Path, tgt: Target, lay, dirs: dict[int, Path], piece, log) -> dict:
-    """TensorRT (here TensorRT-RTX) engines for every exported graph; reports, not failures, per graph."""
-    from m3_trt.export.tensorrt_build import build_engines
+def _engines(work: Path, tgt: Target, lay, dirs: dict[int, Path], piece, log, *, pm=None) -> dict:
+    """TensorRT (here TensorRT-RTX) engines for every exported graph; reports, not failures, per graph.
+
+    ``trt_route = "onnx"``: TensorRT's ONNX parser on each graph. ``"network"`` (one rank; the
+    target refuses more): the text components written with the network API from ``pm`` one piece
+    at a time, each shadow-checked against torch (a failed check fails the build), the vision
+    components from their graphs (:func:`m3_trt.export.tensorrt_build.network_route_engines`).
+    """
+    from m3_trt.export.tensorrt_build import (build_engines, execution_note, network_route_engines,
+                                              network_verification)
 
     out: dict = {}
+    if tgt.trt_route == "network":
+        out["rank0/engines"] = network_route_engines(pm, dirs[0], dtype=tgt.dtype, max_batch=tgt.max_batch,
+                                                     max_seq_len=tgt.max_seq_len, piece=piece, log=log)
+        reps = out["rank0/engines"]
+        failed = sorted(f"rank0/engines:{n}" for n, r in reps.items() if not r.get("ok"))
+        log(f"[build] engines (network route): {len(reps) - len(failed)} built, {len(failed)} failed {failed}")
+        return {"route": "network", "reports": out, "built": len(reps) - len(failed), "failed": failed,
+                "verification": network_verification(reps), "executed": False,
+                "note": execution_note(reps) + " The network route's arithmetic is checked on the torch shadow "
+                        "network instead ('verification')."}
 
     def run(name: str, export_dir: Path, only=None) -> None:
         def make() -> list[Path]:
@@ -451,7 +451,8 @@ def _engines(work: Path, tgt: Target, lay, dirs: dict[int, Path], piece, log) ->
     flat = {f"{k}:{n}": rep for k, reps in out.items() for n, rep in reps.items()}
     failed = sorted(k for k, rep in flat.items() if not rep.get("ok"))
     log(f"[build] engines: {len(flat) - len(failed)} built, {len(failed)} failed {failed}")
-    return {"reports": out, "built": len(flat) - len(failed), "failed": failed}
+    return {"route": "onnx", "reports": out, "built": len(flat) - len(failed), "failed": failed,
+            "executed": False, "note": execution_note(flat)}
 
 
 def _rank_engines(rank_dir: Path, tgt: Target, log) -> list[Path]:

@@ -23,11 +23,13 @@ Per-rank memory terms (bytes):
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from m3_trt.model.config import M3Config
+from m3_trt.model.pieces import CHUNK_ELEMS
 from m3_trt.model.shard import Layout, check_divisible, local_experts, local_heads, shard_tensor
 from m3_trt.build.targets import BYTES, Target
 from m3_trt.quant.fp8 import fp8_scale_shape, is_fp8_weight
@@ -214,25 +216,49 @@ def host_available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+# Bytes a conversion process holds per value of the chunk it converts: the chunk in fp32 (4), the
+# ranks' cut copies (4), their cast (2-4) and the per-channel FP8 quantization's temporaries
+# (``w.float()``, ``|w|``, ``w / scale``: 4 each, not all alive at once) — 16 rounds that up.
+CHUNK_BYTES_PER_VALUE = 16
+
+
+def largest_chunk(cfg: M3Config) -> tuple[str, int]:
+    """The parameter whose chunk (values read and converted at once by
+    :func:`m3_trt.build.rank_weights.convert_piece`) is largest, and that chunk's values.
+
+    Chunks are :data:`m3_trt.model.pieces.CHUNK_ELEMS` values of dim-0 rows, whole experts of an
+    expert stack (at least one), and whole 2-D weights an FP8 checkpoint may store as FP8 (the plan
+    is made from the config alone, so it assumes they are).
+    """
+    best, n = "", 0
+    for name, t in _meta_state(cfg).items():
+        shape = tuple(t.shape)
+        per_row = math.prod(shape[1:]) if shape else 1
+        rows = shape[0] if shape else 1
+        if len(shape) == 2 and is_fp8_weight(name, t):
+            size = rows * per_row
+        else:
+            size = max(1, min(rows, CHUNK_ELEMS // max(per_row, 1))) * per_row
+        if size > n:
+            best, n = name, size
+    return best, n
+
+
 def host_memory(cfg: M3Config, workers: int = 1, available: int | None = None) -> dict:
     """Host memory a build converting ``workers`` pieces at once needs, and whether the host has it.
 
-    Each converting process holds its base (:data:`WORKER_BASE_BYTES`) plus 3x the largest piece in
-    fp32 (the fp32 fill, its sharded / cast copy, the FP8 codes); with ``workers`` > 1 the main
-    process only appends the workers' results (its base).
+    Each converting process holds its base (:data:`WORKER_BASE_BYTES`) plus its largest chunk
+    (:func:`largest_chunk`) at :data:`CHUNK_BYTES_PER_VALUE` bytes per value — the conversion reads a
+    piece chunk by chunk, never whole, so neither the depth nor a piece's size counts; with
+    ``workers`` > 1 the main process only appends the workers' spool files (its base).
     """
-    from m3_trt.model.pieces import piece_of
-
     if workers < 1:
         raise ValueError(f"--workers {workers}: must be >= 1")
-    sizes: dict[str, int] = {}
-    for name, t in _meta_state(cfg).items():
-        sizes[piece_of(name)] = sizes.get(piece_of(name), 0) + 4 * t.numel()
-    piece, largest = max(sizes.items(), key=lambda kv: kv[1])
-    per_worker = WORKER_BASE_BYTES + 3 * largest
+    name, values = largest_chunk(cfg)
+    per_worker = WORKER_BASE_BYTES + CHUNK_BYTES_PER_VALUE * values
     need = per_worker * workers + (WORKER_BASE_BYTES if workers > 1 else 0)
     avail = host_available_bytes() if available is None else available
-    return {"workers": workers, "largest_piece": piece, "largest_piece_fp32_bytes": largest,
+    return {"workers": workers, "largest_chunk": name, "largest_chunk_values": values,
             "per_worker_bytes": per_worker, "need_bytes": need, "available_bytes": avail, "fits": need <= avail,
-            "text": f"host memory: {workers} worker(s) x {per_worker / GIB:.2f} GiB (largest piece {piece}: "
-                    f"{largest / GIB:.2f} GiB fp32) = {need / GIB:.2f} GiB of {avail / GIB:.2f} GiB available"}
+            "text": f"host memory: {workers} worker(s) x {per_worker / GIB:.2f} GiB (largest chunk: {name}, "
+                    f"{values / 1e6:.1f} M values) = {need / GIB:.2f} GiB of {avail / GIB:.2f} GiB available"}

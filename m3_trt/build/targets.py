@@ -3,7 +3,10 @@
 A target names the deployment a build is for: activation / weight / KV-cache dtypes, the parallel
 layout (``tp`` ranks of tensor parallelism for attention, dense MLP and shared expert; ``ep``-way
 expert parallelism for the routed experts), the maximum shapes the engines must accept, and the
-GPU memory the plan checks against. Every field can be overridden (``--set tp=4``); overrides are
+GPU memory the plan checks against, and for ``backend = "tensorrt"`` the route its engines take
+(``trt_route``: ``onnx``, TensorRT's ONNX parser on the exported graphs; ``network``, the text
+components written layer by layer with TensorRT's network API,
+:mod:`m3_trt.export.tensorrt.network_build`). Every field can be overridden (``--set tp=4``); overrides are
 parsed as TOML values (``4`` → int, ``fp8`` → string, ``true`` → bool) and type-checked against
 the field's declared type.
 
@@ -34,6 +37,7 @@ INT_RANGES = (("tp", 1, 1024), ("ep", 1, 1024), ("gpus", 1, 1024), ("max_batch",
               ("max_input_len", 1, 1 << 24), ("max_seq_len", 1, 1 << 24), ("max_num_tokens", 1, 1 << 24),
               ("max_images", 0, 1 << 12))
 FLOAT_RANGES = (("gpu_memory_gib", 0.0, 1 << 20), ("runtime_reserve_gib", 0.0, 1 << 20))
+TRT_ROUTES = ("onnx", "network")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Target:
     plugins: str = "m3"
     backend: str = "tensorrt"
     onnx: bool = True
+    trt_route: str = "onnx"  # how backend = tensorrt builds engines: TRT_ROUTES
     source: str = ""  # the file it came from
 
     def __post_init__(self) -> None:
@@ -81,6 +86,21 @@ class Target:
         need(self.world % self.ep == 0, "ep", f"must divide the world size {self.world}")
         need(self.gpus == self.world or self.backend == "onnxruntime", "gpus",
              f"must equal the number of ranks max(tp, ep) = {self.world}")
+        need(self.trt_route in TRT_ROUTES, "trt_route", f"choose one of {TRT_ROUTES}")
+        if self.trt_route == "network":  # refuse what the network route cannot build, naming why
+            net = "the network route (TensorRT network API)"
+            need(self.backend == "tensorrt", "trt_route",
+                 f"{net} builds TensorRT engines; backend = {self.backend!r} builds none (set backend = 'tensorrt')")
+            need(self.world == 1, "trt_route",
+                 f"{net} writes one-rank networks only (no tensor/expert-parallel split layers); "
+                 f"this target has {self.world} ranks: use trt_route = 'onnx'")
+            need(self.weight_dtype != "fp8" and self.kv_cache_dtype != "fp8", "trt_route",
+                 f"{net} writes fp32/fp16/bf16 networks (no FP8 Q/DQ weights or FP8 KV cache); this target has "
+                 f"weight_dtype = {self.weight_dtype!r}, kv_cache_dtype = {self.kv_cache_dtype!r}: "
+                 "use trt_route = 'onnx'")
+            need(self.onnx, "trt_route",
+                 f"{net} needs onnx = true: the vision engines come from the ONNX export and every network's "
+                 "IO is checked against its ONNX component")
 
     @property
     def world(self) -> int:

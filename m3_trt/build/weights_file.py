@@ -6,6 +6,12 @@ tensors are appended to the data in order, and :meth:`StreamingSafetensors.finis
 header into the room, padded with spaces (which the format allows), and renames the file. Each
 appended piece is recorded by the caller with its byte range and sha256 (:meth:`append` returns
 them), so a resumed build keeps every verified piece and truncates the file after the last one.
+
+A piece is written through a :class:`PieceSink` (:meth:`StreamingSafetensors.piece`, or
+:func:`spool_sink` for a worker's spool file): tensors arrive chunk by chunk (dim-0 rows, in
+order) and go to the file as they come, so the writer never holds a whole tensor. Inside a piece
+tensors are laid out in name order; a tensor whose turn has not come yet (its name sorts after
+one still to come) waits in memory until it has.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ def header_room(names_shapes: list[tuple[str, tuple[int, ...]]]) -> int:
 
 
 def _raw(t: torch.Tensor) -> memoryview:
+    if t.numel() == 0:
+        return memoryview(b"")
     t = t.detach().contiguous()
     if t.dtype in (torch.bfloat16, torch.float16):
         t = t.view(torch.int16)
@@ -92,30 +100,27 @@ class StreamingSafetensors:
             f.truncate(self.end)
         return kept
 
+    def piece(self, names: list[str]) -> "PieceSink":
+        """A sink for the next piece's tensors ``names``, appended after the last piece;
+        :meth:`commit` its :meth:`PieceSink.close` record."""
+        for name in names:
+            if name in self.entries:
+                raise RuntimeError(f"{self.path}: tensor {name} written twice")
+        return PieceSink(open(self.partial, "r+b"), self.end, 8 + self.room, names)
+
+    def commit(self, rec: dict) -> dict:
+        """Take a finished piece's record (its bytes are in the file from ``begin`` to ``end``)."""
+        self.entries.update(rec["tensors"])
+        self.end = rec["end"]
+        return rec
+
     def append(self, tensors: dict[str, torch.Tensor]) -> dict:
         """Append ``tensors`` (sorted by name); returns the record ``{begin, end, sha256, tensors}``."""
-        h = hashlib.sha256()
-        begin = self.end
-        entries = {}
-        with open(self.partial, "r+b") as f:
-            f.seek(begin)
-            pos = begin
-            for name in sorted(tensors):
-                t = tensors[name]
-                if name in self.entries:
-                    raise RuntimeError(f"{self.path}: tensor {name} written twice")
-                raw = _raw(t)
-                f.write(raw)
-                h.update(raw)
-                base = 8 + self.room
-                entries[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape),
-                                 "data_offsets": [pos - base, pos - base + raw.nbytes]}
-                pos += raw.nbytes
-            f.flush()
-            os.fsync(f.fileno())
-        self.entries.update(entries)
-        self.end = pos
-        return {"begin": begin, "end": pos, "sha256": h.hexdigest(), "tensors": entries}
+        sink = self.piece(list(tensors))
+        for name, t in tensors.items():
+            sink.write(name, t)
+            sink.done(name)
+        return self.commit(sink.close())
 
     def append_spooled(self, spool: str | Path, entries: dict[str, dict]) -> dict:
         """Append a spool file's bytes (:func:`spool_tensors`); same record as :meth:`append`."""
@@ -155,15 +160,91 @@ class StreamingSafetensors:
         return self.path
 
 
+def spool_sink(path: Path, names: list[str]) -> "PieceSink":
+    """A sink writing a piece's tensors to spool file ``path``; its record's tensors (offsets relative
+    to the spool file) are what :meth:`StreamingSafetensors.append_spooled` takes."""
+    return PieceSink(open(path, "wb"), 0, 0, names, fsync=False)
+
+
 def spool_tensors(tensors: dict[str, torch.Tensor], path: Path) -> tuple[str, dict[str, dict]]:
-    """``tensors`` (sorted by name) as raw bytes in ``path``; returns ``(path, entries)`` with offsets
-    relative to the file (what :meth:`StreamingSafetensors.append_spooled` takes)."""
-    entries, pos = {}, 0
-    with open(path, "wb") as f:
-        for name in sorted(tensors):
-            raw = _raw(tensors[name])
-            f.write(raw)
-            entries[name] = {"dtype": ST_DTYPES[tensors[name].dtype], "shape": list(tensors[name].shape),
-                             "data_offsets": [pos, pos + raw.nbytes]}
-            pos += raw.nbytes
-    return str(path), entries
+    """``tensors`` (sorted by name) as raw bytes in ``path``; returns ``(path, entries)``."""
+    sink = spool_sink(path, list(tensors))
+    for name, t in tensors.items():
+        sink.write(name, t)
+        sink.done(name)
+    return str(path), sink.close()["tensors"]
+
+
+class PieceSink:
+    """One piece's tensors ``names`` written to open file ``f`` from byte ``begin``, in name order.
+
+    :meth:`write` takes a tensor's next chunk of dim-0 rows (all chunks of one tensor share their
+    trailing shape and dtype), :meth:`done` ends it. The tensor whose turn it is goes straight to
+    the file; one whose turn has not come is held until it has. Offsets are relative to ``base``
+    (the start of the safetensors data section). :meth:`close` flushes (and fsyncs) the file and
+    returns the record ``{begin, end, sha256, tensors}``.
+    """
+
+    def __init__(self, f, begin: int, base: int, names: list[str], fsync: bool = True):
+        self.f, self.begin, self.base, self.fsync = f, begin, base, fsync
+        self.order = sorted(names)
+        self.next = 0  # index in order of the tensor whose bytes go to the file now
+        self.pos = begin
+        self.h = hashlib.sha256()
+        self.entries: dict[str, dict] = {}
+        self.meta: dict[str, list] = {}  # name -> [dtype, trailing shape (None: 0-dim), rows, start offset]
+        self.held: dict[str, list[bytes]] = {}
+        self.finished: set[str] = set()
+        f.seek(begin)
+
+    def write(self, name: str, chunk: torch.Tensor) -> None:
+        if name not in self.order or name in self.finished:
+            raise RuntimeError(f"tensor {name}: not expected in this piece (or written after it was done)")
+        trail = tuple(chunk.shape[1:]) if chunk.dim() else None  # None: a 0-dim tensor
+        m = self.meta.get(name)
+        if m is None:
+            m = self.meta[name] = [chunk.dtype, trail, 0, None]
+        elif (chunk.dtype, trail) != (m[0], m[1]) or trail is None:
+            raise RuntimeError(f"tensor {name}: chunk {chunk.dtype} {tuple(chunk.shape)} does not continue "
+                               f"{m[0]} [..., {m[1]}]")
+        m[2] += chunk.shape[0] if chunk.dim() else 1
+        raw = _raw(chunk)
+        if self.order[self.next] == name:
+            self._emit(name, raw)
+        else:
+            self.held.setdefault(name, []).append(bytes(raw))
+
+    def _emit(self, name: str, raw) -> None:
+        if self.meta[name][3] is None:
+            self.meta[name][3] = self.pos
+        self.f.write(raw)
+        self.h.update(raw)
+        self.pos += raw.nbytes if isinstance(raw, memoryview) else len(raw)
+
+    def done(self, name: str) -> None:
+        self.finished.add(name)
+        while self.next < len(self.order) and self.order[self.next] in self.finished:
+            cur = self.order[self.next]
+            for raw in self.held.pop(cur, []):
+                self._emit(cur, raw)
+            dtype, trail, rows, start = self.meta[cur]
+            start = self.pos if start is None else start
+            shape = [] if trail is None else [rows, *trail]
+            self.entries[cur] = {"dtype": ST_DTYPES[dtype], "shape": shape,
+                                 "data_offsets": [start - self.base, self.pos - self.base]}
+            self.next += 1
+            if self.next < len(self.order) and self.order[self.next] in self.held:
+                for raw in self.held.pop(self.order[self.next]):
+                    self._emit(self.order[self.next], raw)
+
+    def close(self) -> dict:
+        missing = [n for n in self.order if n not in self.entries]
+        try:
+            if missing:
+                raise RuntimeError(f"piece closed before its tensors {missing[:4]} were written")
+            self.f.flush()
+            if self.fsync:
+                os.fsync(self.f.fileno())
+        finally:
+            self.f.close()
+        return {"begin": self.begin, "end": self.pos, "sha256": self.h.hexdigest(), "tensors": self.entries}

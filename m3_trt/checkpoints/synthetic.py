@@ -39,7 +39,7 @@ import resource
 import shutil
 import time
 import zlib
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,7 @@ import torch
 from m3_trt.model import config as cfgmod
 from m3_trt.model.checkpoint import SCALE_SUFFIX, original_layout
 from m3_trt.model.modeling import M3ForConditionalGeneration
+from m3_trt.options import add_command, opt
 from m3_trt.outputs import SYNTHETIC, check_output
 from m3_trt.quant.quantize import (DEFAULT_SHARD_BYTES, E4M3, ShardedWriter, TensorSpec, finish, is_quantized_key,
                        new_work_dir, quantization_config, quantize_mxfp8, scale_spec)
@@ -235,9 +236,21 @@ def make_synthetic(out: str | Path, *, preset: str = "m3", layers: int = 1, fmt:
     return marker
 
 
-def cmd_make_synthetic(*, out: Path, preset: str, layers: int, fmt: str, seed: int, overwrite: bool) -> int:
-    print(f"make-synthetic: out={out} preset={preset} layers={layers} format={fmt} seed={seed}", flush=True)
-    m = make_synthetic(out, preset=preset, layers=layers, fmt=fmt, seed=seed, overwrite=overwrite,
+@dataclass(frozen=True, kw_only=True)
+class MakeSyntheticOptions:
+    out: Path = field(metadata=opt())
+    preset: str = field(default="m3", metadata=opt("--preset", choices=list(PRESETS)))
+    layers: int = field(metadata=opt("--layers"))
+    fmt: str = field(default="mxfp8", metadata=opt("--format", choices=FORMATS))
+    seed: int = field(default=0, metadata=opt("--seed"))
+    overwrite: bool = field(default=False, metadata=opt(
+        "--overwrite", help="replace an existing folder that is not ours"))
+
+
+def cmd_make_synthetic(o: MakeSyntheticOptions) -> int:
+    out = o.out
+    print(f"make-synthetic: out={out} preset={o.preset} layers={o.layers} format={o.fmt} seed={o.seed}", flush=True)
+    m = make_synthetic(out, preset=o.preset, layers=o.layers, fmt=o.fmt, seed=o.seed, overwrite=o.overwrite,
                        progress=lambda s: print(s, flush=True))
     print(f"wrote {out}: {m['tensors']} tensors in {m['shards']} shards, {m['bytes'] / 2**30:.2f} GiB, "
           f"{m['seconds']} s, peak RSS {m['peak_rss_mib']} MiB; layers {m['layer_variants']}")
@@ -245,12 +258,6 @@ def cmd_make_synthetic(*, out: Path, preset: str, layers: int, fmt: str, seed: i
 
 
 def register(sub) -> None:
-    s = sub.add_parser("make-synthetic", help="random M3-VL checkpoint in the real layout at full (or preset) width")
-    s.add_argument("out", type=Path)
-    s.add_argument("--preset", choices=list(PRESETS), default="m3")
-    s.add_argument("--layers", type=int, required=True)
-    s.add_argument("--format", dest="fmt", choices=FORMATS, default="mxfp8")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not ours")
-    s.set_defaults(fn=lambda a: cmd_make_synthetic(out=a.out, preset=a.preset, layers=a.layers, fmt=a.fmt,
-                                                   seed=a.seed, overwrite=a.overwrite))
+    """Add ``make-synthetic`` to the ``m3-trt`` command line."""
+    add_command(sub, "make-synthetic", MakeSyntheticOptions, cmd_make_synthetic,
+                help="random M3-VL checkpoint in the real layout at full (or preset) width")

@@ -11,9 +11,21 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from m3_trt.checkpoints.tiny import make_tiny
+from m3_trt.cli.commands import InfoOptions, cmd_info
+from m3_trt.compare.cli import CompareOptions, cmd_compare
+from m3_trt.options import add_command, opt
 from m3_trt.processing.samples import demo_image_png
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    workdir: Path = field(default=Path("artifacts/demo"), metadata=opt("--workdir"))
+    prompt: str = field(default="Describe the picture.", metadata=opt("--prompt"))
+    max_tokens: int = field(default=12, metadata=opt("--max-tokens"))
 
 
 class _Stages:
@@ -36,12 +48,9 @@ class _Stages:
         print(f"  {'total':44s} {time.perf_counter() - self.t0:7.1f}s")
 
 
-def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: int = 12) -> int:
-    from m3_trt.cli.main import cmd_info
-    from m3_trt.checkpoints.tiny import make_tiny
-
+def run_demo(o: DemoOptions) -> int:
     st = _Stages()
-    workdir = Path(workdir)
+    workdir, prompt, max_tokens = Path(o.workdir), o.prompt, o.max_tokens
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "tiny-ckpt"
 
@@ -54,7 +63,7 @@ def run_demo(workdir: Path, prompt: str = "Describe the picture.", max_tokens: i
     st.done(str(ckpt))
 
     st.start("2. info")
-    cmd_info(ckpt=ckpt)
+    cmd_info(InfoOptions(ckpt=ckpt))
     st.done()
 
     st.start("3. build-engine --target cpu")
@@ -132,6 +141,9 @@ def _tensorrt_engines(onnx_dir: Path) -> str:
 
 
 def _compare(ckpt: Path, out: Path, **kw) -> int:
-    from m3_trt.compare.cli import cmd_compare
+    return cmd_compare(CompareOptions(ckpt=ckpt, out=out, **kw))
 
-    return cmd_compare(ckpt=ckpt, out=out, **kw)
+
+def register(sub) -> None:
+    """Add ``demo`` to the ``m3-trt`` command line."""
+    add_command(sub, "demo", DemoOptions, run_demo, help="run the whole product on the embedded tiny checkpoint")

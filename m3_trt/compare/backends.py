@@ -16,6 +16,12 @@ Registered names: ``torch`` (the reference itself, also bf16 / FP8-emulated / ot
 ``tensorrt`` backend: TensorRT engines cannot execute on any machine this project runs on (no
 TensorRT for Hopper/Blackwell here, none on the lent GPU), so it is not offered.
 
+Against the reference, ``torch``, ``onnxruntime`` and ``sharded`` are measured by the streamed walk
+instead (:mod:`m3_trt.compare.sides`, :mod:`m3_trt.compare.walk`: one decoder layer of each side in
+memory); the classes here load whole models: ``transformers``, ``triton``, ``--against
+transformers``, and ``run_compare(stream=False)`` (the tests' cross-check of the streamed numbers;
+``sharded`` has no whole-model runner: ``m3_trt.runtime`` provides no ``load_for_compare``).
+
 Adapter contract for a runtime module (``m3_trt.export.runtime``, ``m3_trt.runtime``): a function ``load_for_compare(path, *, dtype: str)`` returning an object with
 ``components(input_ids, *, pixel_values, image_grid_thw, layers: bool) -> dict[str, Tensor]`` (the
 names above) and ``greedy(input_ids, n, *, pixel_values, image_grid_thw, eos_token_id) -> list[int]``.

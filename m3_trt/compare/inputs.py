@@ -162,9 +162,7 @@ def prepare(records: list[dict], processor, vocab_size: int | None = None) -> li
             raise ValueError(f"prompt {rec['name']}: the checkpoint has no tokenizer.json, so text prompts cannot "
                              f'be tokenized; give token ids instead: a --prompts JSONL of {{"input_ids": [...]}}')
         pics = [processor.decode_image(data) for _, data in rec["images"]]
-        content = [{"type": "image"} for _ in pics] + [{"type": "text", "text": rec["prompt"]}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        enc = processor(text, images=pics or None)
+        enc = processor.encode_chat(rec["prompt"], pics)
         samples.append(Sample(name=rec["name"], prompt=rec["prompt"], images=[d for _, d in rec["images"]],
                               image_names=[n for n, _ in rec["images"]], input_ids=enc["input_ids"],
                               pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw")))

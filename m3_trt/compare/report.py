@@ -25,20 +25,33 @@ def format_table(rep: dict) -> str:
              f"on {len(rep['prompts'])} prompts, {rep['checkpoint']}",
              f"tolerances applied: ({rep['tolerance_key'][0]}, {rep['tolerance_key'][1]}) — {tol['why']}",
              "  " + ", ".join(f"{k}={v}" for k, v in tol.items() if k != "why" and v not in (None, {}, False))]
+    if rep.get("mode") == "whole-model":
+        lines.append("measured whole-model: both models loaded, every component recorded on one forward "
+                     "(this backend / --against transformers cannot run layer by layer)")
     if rep.get("prompt_source", "").startswith("token ids"):
         lines.append(f"prompts: {rep['prompt_source']}; greedy outputs shown as token ids")
     if rep["components"]:
-        lines += ["", f"{'component':16s} {'metric':10s} {'worst':>10s} {'max-abs':>10s} {'cos-min':>10s} "
+        streamed = any("isolated" in c for c in rep["components"])
+        if streamed:
+            lines += ["", "streamed, one layer of each side in memory: 'worst' = cumulative (the backend's own chain); "
+                          "'isolated' = the component on the reference's input (names the wrong one); both gated"]
+        iso_head = f" {'isolated':>10s}" if streamed else ""
+        lines += ["", f"{'component':16s} {'metric':10s} {'worst':>10s}{iso_head} {'max-abs':>10s} {'cos-min':>10s} "
                       f"{'tolerance':>10s}  {'':4s} worst prompt"]
         for c in rep["components"]:
             mark = "ok" if c["ok"] else "FAIL"
+            iso = (f" {_num(c['isolated']['worst'], '.2e' if c['metric'] == 'rel' else '.4f'):>10s}"
+                   if "isolated" in c else f" {'':>10s}" if streamed else "")
             if c["metric"] == "rel":
-                lines.append(f"{c['name']:16s} {'rel':10s} {_num(c['worst']):>10s} {_num(c['max_abs']):>10s} "
+                lines.append(f"{c['name']:16s} {'rel':10s} {_num(c['worst']):>10s}{iso} {_num(c['max_abs']):>10s} "
                              f"{_num(c['cos_min'], '.6f'):>10s} {_num(c['tolerance']):>10s}  {mark:4s} "
                              f"{c['worst_prompt']}")
             else:
-                lines.append(f"{c['name']:16s} {'blocks=':10s} {_num(c['worst'], '.4f'):>10s} {'':>10s} {'':>10s} "
+                lines.append(f"{c['name']:16s} {'blocks=':10s} {_num(c['worst'], '.4f'):>10s}{iso} {'':>10s} {'':>10s} "
                              f"{_num(c['tolerance'], '.4f'):>10s}  {mark:4s} {c['worst_prompt']}")
+    if rep.get("decode_isolated"):
+        lines += ["", "decode steps (reported, not gated): isolated rel error per layer, max over steps and prompts",
+                  "  " + ", ".join(f"{d['name']} {_num(d['isolated_rel_max'])}" for d in rep["decode_isolated"])]
     e = rep["end_to_end"]
     if e:
         def mark(m, op, fmt):
@@ -67,7 +80,8 @@ def format_table(rep: dict) -> str:
         lines.append("verdict: PASS")
     else:
         f = rep["first_failure"]
-        lines.append(f"verdict: FAIL — first failing: {f['what']} ({f['metric']} {_num(f['value'])} vs "
+        mode = f", {f['mode']}" if "mode" in f else ""
+        lines.append(f"verdict: FAIL — first failing: {f['what']} ({f['metric']}{mode} {_num(f['value'])} vs "
                      f"{_num(f['tolerance']) if not isinstance(f['tolerance'], str) else f['tolerance']}, "
                      f"prompt {f['prompt']}); {len(rep['failures'])} failure(s)")
     return "\n".join(lines)
@@ -90,12 +104,19 @@ def plot_per_layer(rep: dict, path: Path) -> Path:
     fig = Figure(figsize=(PLOT_SIZE_PX[0] / PLOT_DPI, PLOT_SIZE_PX[1] / PLOT_DPI), dpi=PLOT_DPI)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(names)))
-    positive = [v["rel"] for c in comps for v in c["per_prompt"].values() if v["rel"] > 0]
+    every = [v for c in comps
+             for v in [*c["per_prompt"].values(), *c.get("isolated", {}).get("per_prompt", {}).values()]]
+    positive = [v["rel"] for v in every if v["rel"] > 0]
     floor = max(PLOT_FLOOR, min(positive) / 10) if positive else PLOT_FLOOR  # exact zeros sit one decade below
+    streamed = any("isolated" in c for c in comps)
     for p in rep["prompts"]:
         ys = [max(c["per_prompt"][p["name"]]["rel"], floor) if p["name"] in c["per_prompt"] else math.nan
               for c in comps]
-        ax.plot(x, ys, marker="o", ms=3, lw=1.2, label=p["name"])
+        line, = ax.plot(x, ys, marker="o", ms=3, lw=1.2, label=p["name"] + (" (cumulative)" if streamed else ""))
+        if streamed:  # the component alone, on the reference's input: same colour, dashed
+            iso = [max(c["isolated"]["per_prompt"][p["name"]]["rel"], floor)
+                   if "isolated" in c and p["name"] in c["isolated"]["per_prompt"] else math.nan for c in comps]
+            ax.plot(x, iso, marker=".", ms=3, lw=1.0, ls=":", color=line.get_color(), label=p["name"] + " (isolated)")
     tols = [c["tolerance"] if c["tolerance"] is not None else math.nan for c in comps]
     ax.step(x, tols, where="mid", color="black", ls="--", lw=1.2,
             label=f"tolerance ({rep['tolerance_key'][0]}, {rep['tolerance_key'][1]})")

@@ -236,20 +236,20 @@ class LoadReport:
             raise CheckpointError("checkpoint does not match the model; " + "; ".join(problems))
 
 
-def _place(param: torch.Tensor, place: str, expert: int | None) -> tuple[torch.Tensor, tuple]:
+def place(param: torch.Tensor, placement: str, expert: int | None) -> tuple[torch.Tensor, tuple]:
     """The view of ``param`` a placement writes, and the coverage index it marks."""
-    if place == "whole":
+    if placement == "whole":
         return param, (slice(None),)
-    if place in ("half0", "half1"):
+    if placement in ("half0", "half1"):
         h = param.shape[0] // 2
-        sl = slice(0, h) if place == "half0" else slice(h, 2 * h)
+        sl = slice(0, h) if placement == "half0" else slice(h, 2 * h)
         return param[sl], (sl,)
     if expert is None or expert >= param.shape[0]:
         raise CheckpointError(f"expert index {expert} out of range for a tensor of {param.shape[0]} experts")
-    if place == "expert":
+    if placement == "expert":
         return param[expert], (expert,)
     h = param.shape[1] // 2
-    sl = slice(0, h) if place == "expert_half0" else slice(h, 2 * h)
+    sl = slice(0, h) if placement == "expert_half0" else slice(h, 2 * h)
     return param[expert, sl], (expert, sl)
 
 
@@ -273,7 +273,7 @@ def load_into(module: torch.nn.Module, ckpt: SafetensorsCheckpoint, *, progress=
         if hit is None or hit[0] not in targets:
             report.unused.append(key)
             continue
-        target, place, expert = hit
+        target, how, expert = hit
         param = targets[target]
         tensor = ckpt.get(key)
         scale_key = _scale_key(key)
@@ -287,10 +287,10 @@ def load_into(module: torch.nn.Module, ckpt: SafetensorsCheckpoint, *, progress=
             report.dequantized.append(key)
             scale_keys.discard(scale_key)
             report.loaded.append(scale_key)
-        view, cov_idx = _place(param, place, expert)
+        view, cov_idx = place(param, how, expert)
         if tuple(tensor.shape) != tuple(view.shape):
             raise CheckpointError(f"{key}: shape {tuple(tensor.shape)} does not fit {target} "
-                                  f"(expects {tuple(view.shape)} for placement {place!r})")
+                                  f"(expects {tuple(view.shape)} for placement {how!r})")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{key}: contains non-finite values (NaN or Inf)")
         with torch.no_grad():

@@ -23,7 +23,9 @@ All ranks produce identical logits, so greedy decoding stays in lock-step withou
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -144,6 +146,48 @@ class RankModel(M3ForConditionalGeneration):
             raise ValueError(f"rank {rank} weights do not match {layout.name()}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return m.to(dtype).eval().set_kernels(kernels)
+
+    @classmethod
+    def on_meta(cls, cfg: M3Config, layout: Layout, rank: int, kernels: str = "reference") -> "RankModel":
+        """Rank ``rank`` with every parameter on ``meta`` (shapes only, no memory); fill one decoder
+        layer at a time with :meth:`loaded_layer` (the streaming per-rank export)."""
+        with torch.device("meta"):
+            m = cls(cfg, layout, rank)
+        return m.eval().set_kernels(kernels)
+
+    @contextmanager
+    def loaded_layer(self, i: int, state: dict[str, torch.Tensor], dtype: torch.dtype) -> Iterator[RankDecoderLayer]:
+        """Decoder layer ``i`` holding the tensors of ``state`` (this rank's tensors of the layer, by
+        full name ``model.language_model.layers.<i>.…``), floating ones cast to ``dtype`` (no copy when
+        already in it: the tensors are assigned, not copied into new storage); yields the layer.
+
+        Every parameter and buffer of the layer must be given and nothing else (``ValueError``
+        naming the keys). On exit the layer is replaced by a fresh one on ``meta``, so modules a
+        caller swapped in (FP8 wrappers) go with it and memory stays at one layer.
+        """
+        lm = self.model.language_model
+        prefix = f"model.language_model.layers.{i}."
+        layer = lm.layers[i]
+        kernels = layer.self_attn.kernels
+        try:
+            local = {k[len(prefix):]: v.to(dtype) if v.is_floating_point() else v
+                     for k, v in state.items() if k.startswith(prefix)}
+            stray = sorted(k for k in state if not k.startswith(prefix))
+            want = set(layer.state_dict(keep_vars=True))
+            missing, unexpected = sorted(want - set(local)), sorted(set(local) - want)
+            if missing or unexpected or stray:
+                raise ValueError(f"rank {self.rank} layer {i}: weights do not match {self.layout.name()}: missing "
+                                 f"{[prefix + k for k in missing][:5]}, unexpected "
+                                 f"{([prefix + k for k in unexpected] + stray)[:5]}")
+            layer.load_state_dict(local, assign=True)  # shapes checked; meta tensors replaced
+            yield layer
+        finally:
+            with torch.device("meta"):
+                fresh = RankDecoderLayer(self.config.text, self.local_text, i, self.layout, self.rank)
+            for m in fresh.modules():
+                if isinstance(m, Attention):
+                    m.kernels = kernels
+            lm.layers[i] = fresh.eval()
 
     @classmethod
     def from_full(cls, model: M3ForConditionalGeneration, layout: Layout, rank: int, **kw) -> "RankModel":

@@ -22,6 +22,9 @@ known] + VISION_START + VIDEO_TOKEN × (h·w / merge²) + VISION_END. Then the t
 
 Legend: x_CHW one image (uint8 or float32), frames_TCHW a clip, patches_ND N patches of
 D = C·tp·p·p values, grid_thw (t, h, w) in patches.
+
+Package rule: owns the input side (chat template, tokens, pixels, decoding, sample inputs); imports
+nothing from the rest of ``m3_trt`` (transformers-free, torch + torchvision + tokenizers only).
 """
 
 from m3_trt.processing.processor import (

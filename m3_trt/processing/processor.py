@@ -137,6 +137,28 @@ class M3Processor:
         return self._template.render(messages=_plain(messages), add_generation_prompt=add_generation_prompt,
                                      **self.special_tokens, **_plain(kwargs))
 
+    def chat_prompt(self, text: str, n_images: int = 0) -> str:
+        """One user turn as the chat template renders it: ``n_images`` image parts (each becomes an
+        ``]<]image[>[`` marker), then ``text``, then the generation prompt (the assistant's turn opens).
+
+        The string as is; :meth:`encode_chat` is the only safe way to tokenize it with user text.
+        """
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        return self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def encode_chat(self, text: str, images: Sequence[Any] = ()) -> dict:
+        """The model inputs for one user turn (images first, then ``text``): ``__call__``'s dict.
+
+        The template is rendered around ``PLAIN_TEXT``; its own markers (role, turn, image) become
+        special tokens, while ``text`` is tokenized WITHOUT special tokens (:meth:`encode_plain`), so
+        role or image markers typed into it stay plain text: a prompt cannot forge a system turn or
+        an image slot. Benign text tokenizes as in the rendered string (tests/serving/test_pipeline.py).
+        Every prompt of the product (generate, serving, OpenAI endpoint, compare, FP8 calibration)
+        is built here.
+        """
+        images = list(images)
+        return self(self.chat_prompt(PLAIN_TEXT, len(images)), images=images or None, plain_text=[text])
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 

@@ -16,6 +16,9 @@
 * :func:`layer_errors`: per decoder layer, the relative error the FP8 layer adds given the bf16
   reference's input to that layer (``isolated``), and the error of the hidden state after that
   layer when the whole model runs in FP8 (``cumulative``) — both against the bf16 reference.
+  :func:`calibrate_layerwise` gives both (and the scales) one decoder layer at a time;
+  :func:`layer_output_errors` the same two errors between two checkpoints (a source and its FP8
+  quantization, ``m3-trt quantize --calib``).
 """
 
 from __future__ import annotations
@@ -264,9 +267,7 @@ def calibration_inputs(ckpt: str | Path, calib: str | Path | None = None) -> lis
             raise ValueError(f"{calib}: no calibration prompts")
     out = []
     for text, img in items:
-        content = ([{"type": "image"}] if img is not None else []) + [{"type": "text", "text": text}]
-        chat = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        enc = proc(chat, images=[img] if img is not None else None)
+        enc = proc.encode_chat(text, [img] if img is not None else [])
         out.append({k: enc[k] for k in ("input_ids", "pixel_values", "image_grid_thw") if k in enc})
     return out
 
@@ -354,3 +355,46 @@ def calibrate_layerwise(pm, inputs: list[dict], dtype: torch.dtype,
         h_ref = ref_out
     emu.block_scales = {}
     return emu, errors
+
+
+@torch.no_grad()
+def layer_output_errors(ref_pm, q_pm, inputs: list[dict], dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Per decoder layer, the relative L2 error of ``q_pm``'s layer output against ``ref_pm``'s on
+    ``inputs`` (both :class:`m3_trt.model.pieces.PieceModel`: e.g. a bf16 checkpoint and its FP8
+    quantization, read dequantized), in ``dtype``.
+
+    ``isolated``: q's layer ``i`` on the reference's input to layer ``i`` (the error that layer
+    adds); ``cumulative``: the hidden state after layer ``i`` when every layer so far is q's. Hidden
+    states are carried from layer to layer, so one decoder layer's weights are in memory at a time
+    (the reference's, then q's); embedding, vision tower and projector come from ``ref_pm``.
+    """
+    from m3_trt.model.modeling import rope_cos_sin
+
+    ref, q = ref_pm.model, q_pm.model
+    cfg = ref.config
+    with ref_pm.loaded("embedding", dtype), ref_pm.loaded("vision", dtype), ref_pm.loaded("projector", dtype):
+        h_ref = [ref.embed(inp["input_ids"], inp.get("pixel_values"), inp.get("image_grid_thw")) for inp in inputs]
+    rope = []
+    for h in h_ref:
+        B, S, _ = h.shape
+        pos = torch.arange(S)[None].expand(B, S)
+        rope.append((*rope_cos_sin(pos, cfg.text, h.dtype), pos))
+    h_q = list(h_ref)
+    errors = []
+    for i in range(cfg.text.num_hidden_layers):
+        with ref_pm.loaded(f"layer.{i}", dtype):
+            layer = ref.model.language_model.layers[i]
+            ref_out = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_ref, rope)]
+        with q_pm.loaded(f"layer.{i}", dtype):
+            layer = q.model.language_model.layers[i]
+            h_q = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_q, rope)]
+            iso = [layer(h, c, s, p, None) for h, (c, s, p) in zip(h_ref, rope)]
+        den = num_iso = num_cum = 0.0
+        for r, a, b in zip(ref_out, iso, h_q):
+            den += float(r.double().norm() ** 2)
+            num_iso += float((a.double() - r.double()).norm() ** 2)
+            num_cum += float((b.double() - r.double()).norm() ** 2)
+        errors.append({"layer": i, "variant": cfg.text.layer_variant(i), "isolated": (num_iso / den) ** 0.5,
+                       "cumulative": (num_cum / den) ** 0.5})
+        h_ref = ref_out
+    return errors

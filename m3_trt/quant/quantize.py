@@ -18,6 +18,15 @@ projections, dense MLP, shared and routed experts. The router (``block_sparse_mo
 ``e_score_correction_bias``, embeddings, LM head, vision tower and projector stay as they are,
 and config.json's ``quantization_config.modules_to_not_convert`` says so (:data:`NOT_CONVERTED`).
 
+``--calib FILE`` adds, per decoder layer, the FP8 layer's *output* error on those prompts
+(:func:`output_errors`) to ``quantize_report.json``; it does not change a byte of the checkpoint.
+That is all a calibration set can legitimately give these formats: block-scaled FP8 checkpoints
+declare ``activation_scheme: "dynamic"`` (activations quantized per token-group at run time) —
+vLLM's ``Fp8Config`` refuses ``"static"`` with ``weight_block_size`` ("The block-wise quantization
+only supports dynamic activation scheme"), and transformers 5.23 on a CPU dequantizes the weights
+and has no use for activation scales (on a GPU its static path wants ``activation_scale`` tensors,
+not vLLM's ``input_scale``). So no static activation scales are written.
+
 Writing streams: :class:`ShardedWriter` plans every shard's header from the tensor specs before a
 byte is written, then each tensor (or row chunk of one) goes to its offset — memory holds one
 tensor (or one chunk) at a time, never a shard.
@@ -31,7 +40,7 @@ import shutil
 import struct
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -39,8 +48,10 @@ import torch
 
 from m3_trt.model.checkpoint import FP8_DTYPES, SCALE_SUFFIX, SafetensorsCheckpoint, dequantize_fp8, map_key
 from m3_trt.model.config import M3Config
+from m3_trt.options import add_command, opt
 from m3_trt.outputs import QUANTIZED, check_output, swap_into_place
-from m3_trt.quant.fp8 import is_fp8_weight
+from m3_trt.model.pieces import PieceModel
+from m3_trt.quant.fp8 import calibration_inputs, calibration_source, is_fp8_weight, layer_output_errors
 from m3_trt.quant.encode import ST_DTYPES, read_safetensors_header
 
 E4M3 = torch.float8_e4m3fn
@@ -256,15 +267,22 @@ def _layer_of(key: str) -> str:
 
 
 def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, fmt: str, overwrite: bool = False,
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None) -> dict:
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress=None,
+                        calib: str | Path | None = None) -> dict:
     """Quantize ``ckpt`` into ``out`` (written beside it, then renamed); returns the error report.
 
     Streams: one source tensor (memory-mapped) and its codes + scales are in memory at a time.
+    ``calib`` (a calibration jsonl, :func:`m3_trt.quant.fp8.calibration_inputs`; ``"builtin"``: the
+    built-in prompts) adds the per-layer *output* error on those prompts (:func:`output_errors`);
+    the checkpoint's bytes do not depend on it.
     """
     if fmt not in FORMATS:
         raise QuantizeError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     ckpt, out = Path(ckpt), Path(out)
-    out = check_output(out, stage=QUANTIZED, inputs=[ckpt], overwrite=overwrite)
+    calib_file = None if calib in (None, "builtin") else Path(calib)
+    out = check_output(out, stage=QUANTIZED, inputs=[ckpt, calib_file], overwrite=overwrite)
+    if calib_file is not None and not calib_file.is_file():
+        raise QuantizeError(f"--calib {calib_file}: no such file")
     cfg_raw = json.loads((ckpt / "config.json").read_text()) if (ckpt / "config.json").is_file() else None
     if cfg_raw is None:
         raise QuantizeError(f"{ckpt}: no config.json")
@@ -272,6 +290,8 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, fmt: str, overwrit
         raise QuantizeError(f"{ckpt}/config.json already has a quantization_config "
                             f"({cfg_raw['quantization_config'].get('quant_method')}); quantize reads bf16 checkpoints")
     M3Config.from_dict(cfg_raw)  # validates the model config, naming any bad key
+    # the prompts are read (and a bad line named) before any work, not after the conversion
+    cal_inputs = calibration_inputs(ckpt, calib_file) if calib is not None else None
     src = SafetensorsCheckpoint(ckpt)
     keys = src.keys()
     if not any(k.startswith("language_model.model.") for k in keys):
@@ -346,7 +366,10 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, fmt: str, overwrit
         report = {"format": fmt, "source": str(ckpt), "quantization_config": cfg_out["quantization_config"],
                   "quantized_tensors": sum(plan.values()), "kept_tensors": len(plan) - sum(plan.values()),
                   "metric": "relative L2 error of the dequantized weights vs the bf16 source, per decoder layer",
-                  "layers": layers, "worst": worst, "seconds": round(time.perf_counter() - t0, 2)}
+                  "layers": layers, "worst": worst}
+        if calib is not None:
+            report["output_errors"] = output_errors(ckpt, work, calib_file, progress, cal_inputs)
+        report["seconds"] = round(time.perf_counter() - t0, 2)
         (work / "quantize_report.json").write_text(json.dumps(report, indent=2) + "\n")
         (work / MARKER).write_text(json.dumps({"format": MARKER_FORMAT, "weights": fmt, "source": str(ckpt),
                                                 "report": "quantize_report.json"}, indent=2) + "\n")
@@ -357,21 +380,53 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, *, fmt: str, overwrit
     return report
 
 
-def cmd_quantize(*, ckpt: Path, out: Path, fmt: str, overwrite: bool) -> int:
-    print(f"quantize: ckpt={ckpt} out={out} format={fmt} overwrite={overwrite}", flush=True)
-    rep = quantize_checkpoint(ckpt, out, fmt=fmt, overwrite=overwrite, progress=lambda m: print(m, flush=True))
+def output_errors(ckpt: Path, quantized: Path, calib: Path | None, progress=None,
+                  inputs: list[dict] | None = None) -> dict:
+    """Per decoder layer, the output error of the FP8 layer (``quantized``, read dequantized: what
+    transformers computes on a CPU) against the source layer on the calibration prompts (``calib``,
+    or the built-in set; ``inputs``: those prompts already rendered), in fp32, hidden states carried
+    layer by layer (:func:`m3_trt.quant.fp8.layer_output_errors`: one layer in memory at a time)."""
+    inputs = calibration_inputs(ckpt, calib) if inputs is None else inputs
+    if progress:
+        progress(f"output error on {len(inputs)} calibration prompts, layer by layer")
+    layers = layer_output_errors(PieceModel(ckpt), PieceModel(quantized), inputs)
+    return {"calib": calibration_source(ckpt, calib), "prompts": len(inputs), "dtype": "fp32",
+            "metric": "relative L2 error of each decoder layer's output, FP8 weights (dequantized) vs the source "
+                      "weights; isolated: the FP8 layer on the source model's input to it; cumulative: every "
+                      "layer so far FP8. Activations unquantized (activation_scheme: dynamic, done by the "
+                      "serving kernel)",
+            "layers": layers, "worst_isolated": max(layers, key=lambda r: r["isolated"]) if layers else None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeOptions:
+    ckpt: Path = field(metadata=opt())
+    out: Path = field(metadata=opt())
+    fmt: str = field(metadata=opt("--format", choices=FORMATS))
+    overwrite: bool = field(default=False, metadata=opt(
+        "--overwrite", help="replace an existing folder that is not ours"))
+    calib: Path | None = field(default=None, metadata=opt(
+        "--calib", help="calibration prompts (jsonl of {text, image?}, or {input_ids} without a tokenizer): "
+                        "adds each decoder layer's FP8 output error on them to the report"))
+
+
+def cmd_quantize(o: QuantizeOptions) -> int:
+    ckpt, out = o.ckpt, o.out
+    print(f"quantize: ckpt={ckpt} out={out} format={o.fmt} overwrite={o.overwrite} calib={o.calib}", flush=True)
+    rep = quantize_checkpoint(ckpt, out, fmt=o.fmt, overwrite=o.overwrite, progress=lambda m: print(m, flush=True),
+                              calib=o.calib)
     for r in rep["layers"]:
         print(f"  {r['layer']:10s} {r['tensors']:5d} tensors  rel err {r['rel_err']:.3e}  "
               f"worst tensor {r['max_tensor_rel_err']:.3e}")
+    for r in rep.get("output_errors", {}).get("layers", []):
+        print(f"  layer.{r['layer']:<4d} output error on the calibration prompts: isolated {r['isolated']:.3e}  "
+              f"cumulative {r['cumulative']:.3e}")
     print(f"wrote {out} ({rep['quantized_tensors']} tensors quantized, {rep['kept_tensors']} kept; "
           f"report {out}/quantize_report.json)")
     return 0
 
 
 def register(sub) -> None:
-    s = sub.add_parser("quantize", help="bf16 checkpoint -> FP8 checkpoint (MXFP8 or 128x128 blocks), same layout")
-    s.add_argument("ckpt", type=Path)
-    s.add_argument("out", type=Path)
-    s.add_argument("--format", dest="fmt", required=True, choices=FORMATS)
-    s.add_argument("--overwrite", action="store_true", help="replace an existing folder that is not ours")
-    s.set_defaults(fn=lambda a: cmd_quantize(ckpt=a.ckpt, out=a.out, fmt=a.fmt, overwrite=a.overwrite))
+    """Add ``quantize`` to the ``m3-trt`` command line."""
+    add_command(sub, "quantize", QuantizeOptions, cmd_quantize,
+                help="bf16 checkpoint -> FP8 checkpoint (MXFP8 or 128x128 blocks), same layout")

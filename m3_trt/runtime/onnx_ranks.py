@@ -1,10 +1,11 @@
 """Run the per-rank ONNX of a sharded build in ONNX Runtime, the collectives done between graphs.
 
 ``RankOnnx(rank_dir)`` holds one rank's sessions (two per decoder layer, see
-:mod:`.onnx_export`); ``ShardedOnnxModel(build_dir)`` runs every rank of a build in one process in
-lock step, each collective a numpy sum over the ranks' partials (in rank order) — the CPU check
-that the graphs plus the recorded collectives reproduce the unsharded model. Across processes
-the same ``RankOnnx`` calls are joined by ``torch.distributed.all_reduce`` instead.
+:mod:`m3_trt.export.onnx.ranks`); ``ShardedOnnxModel(build_dir)`` runs every rank of a build in one
+process in lock step, each collective a numpy sum over the ranks' partials (in rank order) — the
+CPU check that the graphs plus the recorded collectives reproduce the unsharded model (an FP8
+build's Q/DQ graphs: the one-rank FP8 emulation). Across processes the same ``RankOnnx`` calls are
+joined by ``torch.distributed.all_reduce`` instead.
 """
 
 from __future__ import annotations

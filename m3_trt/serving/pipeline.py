@@ -18,8 +18,8 @@ Steps (one class or function each, no Triton types here, so they run and test in
   response at a time, so it cannot keep a decoder's state); :class:`TokenWindow` — the bounded
   ids the ``llm`` step sends per response (new ids + a short context), so streamed bytes and
   detokenisation are linear in the answer; :class:`Detokenizer` — the same with state (m3_bls).
-- :class:`RequestLimits` — caps on request bytes, image bytes and image count;
-  :func:`encode_chat` — the chat template with the user's text tokenized without special tokens.
+- :class:`RequestLimits` — caps on request bytes, image bytes and image count. The prompt itself is
+  built by ``M3Processor.encode_chat`` (user text tokenized without special tokens).
 - :func:`generate_in_process` — the four steps chained in one process: the reference the
   served answers are compared with, and the "without the server" side of the benchmark.
 
@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = [
     "RequestError", "SamplingParams", "Preprocessor", "VisionEncoder", "TokenGenerator", "OnnxTokenGenerator",
-    "load_steps", "split_image_rows", "text_delta", "build_prompt", "encode_chat", "generate_in_process",
+    "load_steps", "split_image_rows", "text_delta", "generate_in_process",
     "RequestLimits", "TokenWindow", "Detokenizer", "DETOK_CONTEXT", "eos_ids", "check_placeholders",
 ]
 
@@ -133,25 +133,6 @@ class RequestLimits:
             raise RequestError(f"request is {total} bytes, over max_request_bytes={self.max_request_bytes}")
 
 
-def build_prompt(processor, prompt: str, n_images: int) -> str:
-    """One user turn: the images first, then the text, through the checkpoint's chat template."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-
-def encode_chat(processor, prompt: str, images: Sequence = ()) -> dict:
-    """The processor's inputs for one user turn, the user's text tokenized WITHOUT special tokens.
-
-    The template is rendered around a sentinel; its own markers (role, turn, image) become special
-    tokens, while role markers typed into ``prompt`` stay plain text, so a prompt cannot forge a
-    system turn or an image slot.
-    """
-    from m3_trt.processing import PLAIN_TEXT
-
-    return processor(build_prompt(processor, PLAIN_TEXT, len(images)), images=list(images) or None,
-                     plain_text=[prompt])
-
-
 class Preprocessor:
     """Prompt + encoded images → model inputs, within the configured limits."""
 
@@ -172,7 +153,7 @@ class Preprocessor:
                 raise RequestError(f"image {i} is over the pixel budget: {e}") from e
             except ImageDecodeError as e:
                 raise RequestError(f"image {i} is not a decodable image: {e}") from e
-        enc = encode_chat(self.processor, prompt, pics)
+        enc = self.processor.encode_chat(prompt, pics)
         ids = enc["input_ids"].reshape(-1).numpy().astype(np.int64)
         if ids.size > self.max_input_len:
             raise RequestError(

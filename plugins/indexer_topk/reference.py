@@ -5,7 +5,7 @@ T key slots (slot == absolute position), D indexer head dim, K top-k width, N ke
 
 For query ``s`` at position ``p = q_pos[b, s]``::
 
-    score[b, h, s, t] = q[b, h, s] · k[b, t]            (fp32, -inf where t > p)
+    score[b, h, s, t] = q[b, h, s] · k[b, t]            (fp32; NaN → -1e30; -inf where t > p)
     block[b, h, s, n] = max_{t in block n} score          (blocks of ``block_size`` slots)
     block[..., max(p // bs - j, 0)] = +inf  for j < local_blocks   (local block(s) forced in)
     idx = topk(block, K = min(topk, N)); idx[score == -inf] = -1
@@ -14,6 +14,12 @@ The output keeps the valid block ids ascending and left-packed, ``-1`` padding t
 contract TensorRT-LLM's M3 sparse backend publishes and our attention kernels consume. The *set*
 of selected blocks equals what ``transformers``' ``MiniMaxM3VLIndexer`` selects (including how
 ``torch.topk`` breaks score ties); only the order differs (transformers returns score order).
+
+Non-finite inputs: a NaN score (NaN or ±inf in q or k) counts as ``-1e30`` — below every real
+score, above the causal ``-inf`` — in every implementation (reference, torch, Triton kernel,
+ONNX Runtime, TensorRT): one rule. transformers lets ``torch.topk`` rank NaN highest, so on such
+inputs (whose attention output is NaN anyway) the selected set may differ from it; on finite
+inputs nothing changes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ def indexer_topk_reference(
     pad = n_blocks * block_size - T
 
     scores = torch.matmul(q_BHSD.float(), k_BTD.float().transpose(-1, -2).unsqueeze(1))  # [B,H,S,T]
+    scores = scores.masked_fill(scores.isnan(), -1e30)
     k_pos = torch.arange(T, device=q_BHSD.device)
     future = k_pos[None, None, None, :] > q_pos_BS[:, None, :, None]
     scores = scores.masked_fill(future, float("-inf"))

@@ -49,6 +49,7 @@ def indexer_topk_torch(
         n_live = min(n_blocks, int(pos.max().item()) // block_size + 1)
         t_live = min(T, n_live * block_size)
         scores = torch.matmul(q_BHSD[:, :, s0:s1].float(), k_f[:, None, :t_live].transpose(-1, -2))
+        scores.masked_fill_(scores.isnan(), -1e30)  # the reference's NaN rule
         future = torch.arange(t_live, device=scores.device)[None, None, None, :] > pos[:, None, :, None]
         scores.masked_fill_(future, float("-inf"))
         pad = n_live * block_size - t_live

@@ -1,5 +1,7 @@
 """build-engine with ONNX: the cpu target's export (export_model, verified) and a TP2+EP2 build's
-per-rank split graphs, both run in ONNX Runtime against the torch reference.
+per-rank split graphs, both run in ONNX Runtime against the torch reference. The sharded build uses
+``plugins = "none"`` (the rank's experts in standard ops); the MoE plugin with expert ranges is
+covered by the sharded FP8 build (``test_sharded_fp8.py``).
 
 Negative controls: swapping two decoder layers' sessions changes the cpu export's tokens; skipping
 the attention all-reduce between the per-rank graphs breaks the sharded logits.
@@ -56,9 +58,11 @@ def test_tp2_ep2_per_rank_onnx_with_numpy_collectives_equals_unsharded(tiny_ckpt
     from m3_trt.runtime.onnx_ranks import ShardedOnnxModel
 
     out = tmp_path / "w2"
-    m = build(tiny_ckpt, load_target("cpu", {"tp": 2, "ep": 2}), out, progress=False)
+    sets = {"tp": 2, "ep": 2, "plugins": "none", "max_seq_len": 64, "max_input_len": 48, "max_num_tokens": 64}
+    m = build(tiny_ckpt, load_target("cpu", sets), out, progress=False)
     assert all(m["onnx"]["ranks"][r]["verify"]["ok"] for r in ("0", "1"))
     rank_manifest = json.loads((out / "rank1/onnx/manifest.json").read_text())
+    assert rank_manifest["graphs"]["mlp_moe"]["custom_ops"] == [] and rank_manifest["expert_range"] is None
     cols = [e["collectives"] for e in rank_manifest["layers"]]
     assert all(c["attn_out"] == "all_reduce" and c["mlp_out"] == "all_reduce" for c in cols), cols
     ref = M3ForConditionalGeneration.from_pretrained(tiny_ckpt)

@@ -19,51 +19,18 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from m3_trt.model import config as cfgmod
 from m3_trt.build.builder import build
-from m3_trt.model.checkpoint import original_layout, write_sharded
 from m3_trt.model.modeling import M3ForConditionalGeneration
 from m3_trt.model.shard import Layout, shard_state
 from m3_trt.build.targets import load_target
-
-MEMORY_RATIO = 1.25  # issue 12: 12 layers within 1.25x of 4 layers at the same width
-
-
-def make_wide(out: Path, layers: int, hidden: int = 384, experts: int = 16, inter: int = 384) -> Path:
-    """A project-made checkpoint (original on-disk layout, bf16, no tokenizer files), ``layers`` deep."""
-    cfg = cfgmod.tiny()
-    text = replace(cfg.text, hidden_size=hidden, head_dim=64, rotary_dim=32, intermediate_size=inter,
-                   dense_intermediate_size=2 * inter, shared_intermediate_size=inter, num_local_experts=experts,
-                   num_hidden_layers=layers,
-                   layer_types=tuple("full_attention" if i % 4 == 0 else "minimax_m3_sparse" for i in range(layers)),
-                   mlp_layer_types=tuple("dense" if i == 0 else "sparse" for i in range(layers)))
-    cfg = replace(cfg, text=text, projector_hidden_size=hidden)
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = M3ForConditionalGeneration(cfg)
-    state = {k: torch.randn(v.shape, dtype=torch.bfloat16) * 0.02 for k, v in model.state_dict().items()}
-    out.mkdir(parents=True)
-    write_sharded(original_layout(state, layers), out, 32 << 20)
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
-    return out
-
-
-# Runs argv[1:] and prints its peak RSS (KiB). The build must be the child of a small process: a
-# child's ru_maxrss includes the RSS of the process it was (v)forked from, here pytest's.
-_MEASURE = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-
-
-def _peak_mib(cmd: list[str]) -> float:
-    p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return int(p.stdout.split()[-1]) / 1024  # KiB on Linux
+from m3_trt.quant.fp8 import dequantize_fp8, is_fp8_weight, quantize_weight
+from m3_trt.runtime.load import load_rank
+from memory_util import MEMORY_RATIO, make_wide, peak_mib as _peak_mib  # shared with tests/test_compare_streamed.py
 
 
 def _tree_hash(d: Path, skip=("build.json",)) -> str:
@@ -187,6 +154,7 @@ def test_workers_pool_writes_the_serial_bytes_and_too_many_are_refused(tiny_ckpt
     assert pooled["host_memory"]["workers"] == 2 and serial["host_memory"]["workers"] == 1
     assert _tree_hash(tmp_path / "pooled") == _tree_hash(tmp_path / "serial")
     assert not (tmp_path / "pooled" / "spool").exists()
+    _reads_back_per_channel(tiny_ckpt, tmp_path / "serial", Layout.of(2, 2))
     # the plan states the host memory N workers need and refuses what the host does not have
     h = host_memory(M3Config.from_pretrained(tiny_ckpt), 4, available=1 << 40)
     assert h["fits"] and h["need_bytes"] == 4 * h["per_worker_bytes"] + (1 << 30)
@@ -194,3 +162,22 @@ def test_workers_pool_writes_the_serial_bytes_and_too_many_are_refused(tiny_ckpt
     assert main(["build-engine", str(tiny_ckpt), "--dry-run", "--workers", "100000"]) == 2
     err = capsys.readouterr().err
     assert "--workers 100000 does not fit this host" in err and "GiB available" in err, err
+
+
+def _reads_back_per_channel(ckpt: Path, build_dir: Path, lay: Layout) -> None:
+    """A bf16 checkpoint's sharded FP8 build, read back with ``load_rank``: every FP8 weight is the
+    reference per-channel FP8 of the rank's slice (cast to bf16, one fp32 scale per output row,
+    dequantized, in bf16) exactly. Negative control: the unquantized slice is not what it holds."""
+    ref = M3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    plain = {}
+    for r in range(lay.world):
+        got = load_rank(build_dir, r).state_dict()
+        for k, w in shard_state(ref.state_dict(), ref.config.text, lay, r).items():
+            if is_fp8_weight(k, w):
+                q, s = quantize_weight(w.to(torch.bfloat16))
+                assert s.shape == (*w.shape[:-1], 1)
+                want = dequantize_fp8(q, s, torch.float32).to(torch.bfloat16)
+                assert torch.equal(got[k], want), (r, k)
+                plain[(r, k)] = (got[k], w.to(torch.bfloat16))
+    assert len(plain) > 40
+    assert not any(torch.equal(g, w) for g, w in plain.values())

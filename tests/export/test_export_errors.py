@@ -42,11 +42,11 @@ def test_interrupted_export_leaves_no_folder(tiny_ckpt, tmp_path, monkeypatch, e
     calls = []
     real = exporter_mod.export_spec
 
-    def flaky(spec, path, cfg, plugins, data_name, quant="none"):
+    def flaky(spec, *args, **kwargs):
         calls.append(spec.name)
         if len(calls) == 3:
             raise exc("interrupted in the middle of the export")
-        return real(spec, path, cfg, plugins, data_name, quant)
+        return real(spec, *args, **kwargs)
 
     monkeypatch.setattr(exporter_mod, "export_spec", flaky)
     with pytest.raises(exc):

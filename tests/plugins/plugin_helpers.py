@@ -1,20 +1,19 @@
-"""Shared bits of the plugin tests: fresh seeds and the Triton gate (metric: ``tolerances.py``)."""
+"""Shared bits of the plugin tests: the fixed seed and the Triton gate (metric: ``tolerances.py``)."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 
+from seeds import seed_everything
+
 
 def fresh_seed() -> int:
-    """A new seed each run (``M3_TEST_SEED=<n>`` reproduces one); tests put it in their messages."""
-    env = os.environ.get("M3_TEST_SEED")
-    seed = int(env) if env else time.time_ns() % (2**31)
-    torch.manual_seed(seed)
-    return seed
+    """Re-seed with the suite's fixed seed (``seeds.TEST_SEED``; ``M3_TEST_SEED=<n>`` picks another)
+    and return it; tests put it in their messages."""
+    return seed_everything()
 
 
 HAS_CUDA = torch.cuda.is_available()

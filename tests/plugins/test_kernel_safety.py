@@ -130,10 +130,24 @@ def _sets(idx):
     return [{int(x) for x in row if x >= 0} for row in idx.reshape(-1, idx.shape[-1])]
 
 
+def _nan_largest_sets(q, k, pos, bs, topk, local):
+    """The rule torch.topk applies to raw scores (NaN ranks highest): the negative control."""
+    T, N = k.shape[1], -(-k.shape[1] // bs)
+    s = torch.matmul(q.double(), k.double().transpose(-1, -2).unsqueeze(1))
+    s = s.masked_fill(torch.arange(T)[None, None, None] > pos[:, None, :, None], float("-inf"))
+    s = torch.nn.functional.pad(s, (0, N * bs - T), value=float("-inf")).view(*s.shape[:3], N, bs).amax(-1)
+    for j in range(local):
+        s.scatter_(-1, (pos // bs - j).clamp(min=0)[:, None, :, None].expand(-1, s.shape[1], -1, 1), float("inf"))
+    top, idx = s.topk(min(topk, N), dim=-1)
+    return _sets(idx.masked_fill(top == float("-inf"), -1))
+
+
 def test_indexer_nan_scores_rank_below_real_keys():
-    """NaN in some keys (one whole block and scattered slots) and in one query row: the kernel
-    ranks those scores as -1e30. Negative control: the reference (torch.topk ranks NaN highest)
-    picks other sets on the same inputs, so the comparison can tell the two rules apart."""
+    """NaN in some keys (one whole block and scattered slots) and in one query row: every
+    implementation (kernel, reference, torch) ranks those scores as -1e30. The all-NaN query row
+    ties every causal block; its tie order is each implementation's own (the kernel takes the
+    lowest ids), so it is compared as "causal blocks + local block" for the others. Negative
+    control: the NaN-as-largest rule of a raw torch.topk picks other sets on the same inputs."""
     seed = fresh_seed()
     B, H, S, T, D, bs, topk, local = 1, 2, 12, 112, 16, 16, 3, 1
     q = torch.randn(B, H, S, D)
@@ -150,8 +164,15 @@ def test_indexer_nan_scores_rank_below_real_keys():
     assert not bad, f"seed={seed}: rows {bad[:4]} differ: got {[got[i] for i in bad[:2]]}, want {[expected[i] for i in bad[:2]]}"
     assert all(1 not in row for i, row in enumerate(got) if i != 1 * S + 3), "the all-NaN block was selected"
     assert got[1 * S + 3] == {0, 1, (T - S + 3) // bs}, "an all-NaN query must take the lowest ids + local"
-    ref = _sets(indexer_topk(q, k, pos, **kw, impl="reference"))
-    assert ref != expected, f"seed={seed}: negative control: the NaN-as-largest rule gave the same sets"
+    tie_row = 1 * S + 3
+    for impl in ("reference", "torch"):
+        other = _sets(indexer_topk(q, k, pos, **kw, impl=impl))
+        bad = [i for i, (a, e) in enumerate(zip(other, expected)) if a != e and i != tie_row]
+        assert not bad, f"seed={seed}: {impl}: rows {bad[:4]} differ from the -1e30 rule"
+        causal = set(range((T - S + 3) // bs + 1))
+        assert (T - S + 3) // bs in other[tie_row] and other[tie_row] <= causal and len(other[tie_row]) == topk
+    assert _nan_largest_sets(q, k, pos, bs, topk, local) != expected, \
+        f"seed={seed}: negative control: the NaN-as-largest rule gave the same sets"
 
 
 # -- branch-free walk: holes and adjacent repeats ----------------------------------------------

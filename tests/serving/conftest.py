@@ -18,7 +18,6 @@ def reference(tiny_ckpt):
     from m3_trt.model.generate import generate
     from m3_trt.model.modeling import M3ForConditionalGeneration
     from m3_trt.processing import M3Processor
-    from m3_trt.serving.pipeline import build_prompt
 
     proc = M3Processor.from_pretrained(tiny_ckpt)
     model = M3ForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32)
@@ -26,7 +25,7 @@ def reference(tiny_ckpt):
 
     def run(prompt, images=(), max_tokens=10, **kw):
         pics = [proc.decode_image(b) for b in images]
-        enc = proc(build_prompt(proc, prompt, len(pics)), images=pics or None)
+        enc = proc(proc.chat_prompt(prompt, len(pics)), images=pics or None)
         toks = list(generate(model, enc["input_ids"], pixel_values=enc.get("pixel_values"),
                              image_grid_thw=enc.get("image_grid_thw"), max_new_tokens=max_tokens,
                              eos_token_id=eos, **kw))

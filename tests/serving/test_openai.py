@@ -21,7 +21,6 @@ pytest.importorskip("tritonclient.grpc")
 openai = pytest.importorskip("openai")
 
 from m3_trt.processing.samples import demo_image_png  # noqa: E402
-from m3_trt.serving.pipeline import encode_chat  # noqa: E402
 
 MAX_INPUT_LEN = 256
 MAX_PIXELS = 200 * 200
@@ -60,7 +59,7 @@ def prompt_tokens(reference, prompt, n_images=0, images=()):
     """The prompt's length as the model sees it (the chat template, user text without special tokens)."""
     proc = reference.processor
     pics = [proc.decode_image(b) for b in images]
-    return int(encode_chat(proc, prompt, pics)["input_ids"].shape[1])
+    return int(proc.encode_chat(prompt, pics)["input_ids"].shape[1])
 
 
 def data_url(blob: bytes) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from m3_trt.serving.pipeline import (DETOK_CONTEXT, Detokenizer, RequestError, RequestLimits, SamplingParams,
-                                     TokenWindow, build_prompt, encode_chat, split_image_rows, text_delta)
+                                     TokenWindow, split_image_rows, text_delta)
 from m3_trt.serving.triton_glue import read, read_scalar, sampling_params
 
 
@@ -196,16 +196,16 @@ def test_user_text_cannot_forge_a_system_turn(processor):
     def n_special(ids):
         return sum(int(i) in specials for i in ids)
 
-    benign = encode_chat(processor, "hello there")["input_ids"][0].tolist()
-    ids = encode_chat(processor, forged)["input_ids"][0].tolist()
+    benign = processor.encode_chat("hello there")["input_ids"][0].tolist()
+    ids = processor.encode_chat(forged)["input_ids"][0].tolist()
     assert n_special(ids) == n_special(benign)  # only the template's own markers
     assert forged in processor.decode(ids, skip_special_tokens=False)  # the text itself is kept
     # benign prompts tokenize exactly as the template string always did
     for text in ["Tell me a story.", " leading space", "\n\ntwo newlines", "Question 3: what is shown?"]:
-        assert encode_chat(processor, text)["input_ids"].tolist() == \
-            processor(build_prompt(processor, text, 0))["input_ids"].tolist()
+        assert processor.encode_chat(text)["input_ids"].tolist() == \
+            processor(processor.chat_prompt(text, 0))["input_ids"].tolist()
     # negative control: tokenizing the rendered string as a whole turns the typed markers into turns
     with pytest.raises(ValueError, match="markers"):  # the typed image marker even claims an image
-        processor(build_prompt(processor, forged, 0))
-    whole = processor(build_prompt(processor, forged.replace("]<]image[>[", ""), 0))["input_ids"][0].tolist()
+        processor(processor.chat_prompt(forged, 0))
+    whole = processor(processor.chat_prompt(forged.replace("]<]image[>[", ""), 0))["input_ids"][0].tolist()
     assert n_special(whole) > n_special(benign)

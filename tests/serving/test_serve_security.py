@@ -165,16 +165,16 @@ def test_command_without_key_locks_admin_apis_with_a_random_key():
 
 
 def test_exposing_warns(capsys, tmp_path):
-    from m3_trt.serving.cli import cmd_serve
+    from m3_trt.serving.cli import ServeOptions, cmd_serve
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3") and not is_loopback("::")
     with pytest.raises(TritonServerError, match="does not exist"):  # fails before starting anything
-        cmd_serve(tmp_path / "missing", host="0.0.0.0")
+        cmd_serve(ServeOptions(repo=tmp_path / "missing", host="0.0.0.0"))
     assert "WARNING: exposing tritonserver on 0.0.0.0" in capsys.readouterr().err
     with pytest.raises(TritonServerError, match="does not exist"):
-        cmd_serve(tmp_path / "missing")
+        cmd_serve(ServeOptions(repo=tmp_path / "missing"))
     assert "WARNING" not in capsys.readouterr().err
 
 
@@ -193,7 +193,7 @@ def test_sigkill_leaves_no_log_in_temp(served):
 
 
 def test_openai_port_needs_a_repository_of_ours_and_fails_before_starting():
-    from m3_trt.serving.cli import cmd_serve
+    from m3_trt.serving.cli import ServeOptions, cmd_serve
 
     with pytest.raises(ValueError, match="manifest.json: the OpenAI endpoint needs a repository written by"):
-        cmd_serve(ECHO_REPO, openai_port=free_port())
+        cmd_serve(ServeOptions(repo=ECHO_REPO, openai_port=free_port()))

@@ -1,14 +1,15 @@
 """Route (b): the M3 text components written with TensorRT's network API (native LLM layers).
 
 What runs: ``build_network_engines`` builds the tiny checkpoint's embedding, all four decoder
-layers (full-dense, sparse-moe, sparse-dense, full-moe) and head in fp16, each in a child process,
+layers (full-dense, sparse-moe, sparse-dense, full-moe) and head in fp16, in one worker process,
 and every network's IO is compared with the fp16 ``--plugins none`` ONNX manifest (with route (b)'s
 one documented change: the indexer cache's unit head axis). Engines cannot run here, so the
 arithmetic is checked by running the same network-writing code on the torch shadow network
 (``network_shadow``) against the torch component (``export/onnx/components.py``), prefill and
 decode, block choices exactly. Negative controls: a wrong head count fails the build with a
 named cause; the raw (unadjusted) and a tampered manifest entry are reported as IO mismatches;
-non-contiguous positions (outside route (b)'s cache contract) are caught by the parity check.
+non-contiguous positions (outside route (b)'s cache contract) are caught by the parity check; a
+worker that dies is replaced for the next build.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def built(trt, model, tiny_ckpt, tmp_path_factory):
     import json
 
     from m3_trt.export.onnx import export_model
-    from m3_trt.export.tensorrt.network_model import build_network_engines
+    from m3_trt.export.tensorrt.network_build import build_network_engines
 
     tmp = tmp_path_factory.mktemp("route_b")
     exp = export_model(tiny_ckpt, tmp / "onnx", dtype="fp16", plugins="none", max_seq_len=T, max_batch=BATCH,
@@ -79,15 +80,20 @@ def test_io_check_catches_mismatch(built):
     assert io_differences(reports["layer_0"], tampered) and not io_differences(reports["layer_0"], entries["decoder_full_dense"])
 
 
-def test_wrong_head_count_fails_clearly(trt, model, tmp_path):
-    from m3_trt.export.tensorrt.network_model import _ModelHandoff, build_in_child
+def test_wrong_head_count_fails_clearly_and_a_dead_worker_is_replaced(trt, model, tmp_path):
+    from m3_trt.export.tensorrt.network_build import ModelHandoff, NetworkBuilder
 
-    with _ModelHandoff(model) as h:
-        rep = build_in_child(h, "layer_0", tmp_path / "bad.plan", dtype="fp16", max_batch=2, max_seq_len=T,
-                             num_heads=3, timeout_s=120)
-    assert not rep["ok"] and rep["stage"] == "write-network"
-    assert "3 heads x head_dim 16 = 48" in rep["error"]
-    assert not (tmp_path / "bad.plan").exists()
+    kw = dict(dtype="fp16", max_batch=2, max_seq_len=T)
+    with ModelHandoff(model) as h, NetworkBuilder(h.source, timeout_s=120) as nb:
+        rep = nb.build("layer_0", tmp_path / "bad.plan", num_heads=3, **kw)
+        assert not rep["ok"] and rep["stage"] == "write-network"
+        assert "3 heads x head_dim 16 = 48" in rep["error"]
+        assert not (tmp_path / "bad.plan").exists()
+        nb.proc.kill()  # a worker lost between requests (TensorRT aborts the process on some paths)
+        nb.proc.wait()
+        rep = nb.build("embedding", tmp_path / "embedding.plan", **kw)
+        assert rep["ok"] and (tmp_path / "embedding.plan").stat().st_size == rep["engine_bytes"]
+        assert nb.started == 2
 
 
 # -- shadow parity: the same network-writing calls, interpreted in torch -------------------------
@@ -119,22 +125,47 @@ def _compare(model, layer, dtype_name, feeds, ic):
     return comp.sparse, ref, out
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "fp16"])
-@pytest.mark.parametrize("start,S", [(0, 40), (40, 1), (37, 5)], ids=["prefill-S40", "decode-at40", "chunk-37+5"])
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layer", [0, 1, 2, 3], ids=["full-dense", "sparse-moe", "sparse-dense", "full-moe"])
-def test_shadow_matches_torch_component(trt, model, layer, start, S, dtype_name):
-    dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
-    m = copy.deepcopy(model).to(dtype)
-    feeds, ic = _feeds(m.config.text, m.model.language_model.layers[layer].self_attn.indexer is not None,
-                       dtype, start, S, torch.Generator().manual_seed(0))
-    sparse, ref, out = _compare(m, layer, dtype_name, feeds, ic)
-    stage = "trt_network_shadow"
-    assert_close(out["hidden_out"], ref[0], stage, dtype_name, "hidden_out")
-    assert_close(out["k_cache_out"], ref[1], stage, dtype_name, "k_cache_out")
-    assert_close(out["v_cache_out"], ref[2], stage, dtype_name, "v_cache_out")
-    if sparse:
-        assert_close(out["idx_cache_out"][:, 0], ref[3], stage, dtype_name, "idx_cache_out")
-        assert torch.equal(out["block_idx"], ref[4]), "indexer block choice differs"
+def test_shadow_matches_torch_component(trt, model, layer, dtype_name):
+    """The check build-engine runs (network_check.check_component): prefill of 40, a decode step
+    at 40, a chunk of 5 ending the 128-slot cache (the indexer chooses 3 of 8 blocks there)."""
+    from m3_trt.export.tensorrt.network_check import check_component
+    from m3_trt.model.modeling import DTYPES
+
+    m = copy.deepcopy(model).to(DTYPES[dtype_name])
+    res = check_component(m, f"layer_{layer}", dtype=dtype_name, max_seq_len=T, max_batch=BATCH)
+    tol = TOLERANCES[("trt_network_shadow", dtype_name)]
+    assert set(res["cases"]) == {"prefill", "decode", "chunk"} and res["tolerance"] == tol
+    sparse = layer in (1, 2)
+    for case, rows in res["cases"].items():
+        assert set(rows) == {"hidden_out", "k_cache_out", "v_cache_out"} | ({"idx_cache_out", "block_idx"} if sparse else set())
+        for key, row in rows.items():
+            if key == "block_idx":
+                assert row["equal"], f"{case}: indexer block choice differs"
+            else:
+                assert row["rel_err"] <= tol, f"{case}/{key}: relative error {row['rel_err']:.3e} > {tol:.1e}"
+    assert res["ok"]
+
+
+def test_shadow_check_catches_perturbed_weights(trt, model):
+    """Negative controls of the build's check: the reference with one attention output row changed
+    (hidden_out differs) or with the indexer's query projection negated (the block choice differs;
+    the indexer cache, written from the key projection, does not)."""
+    from m3_trt.export.tensorrt.network_check import check_component, failures
+
+    attn = copy.deepcopy(model)
+    with torch.no_grad():
+        attn.model.language_model.layers[1].self_attn.o_proj.weight[0] += 0.05
+    res = check_component(model, "layer_1", dtype="fp32", max_seq_len=T, max_batch=BATCH, reference=attn)
+    assert not res["ok"] and any("hidden_out" in f for f in failures(res))
+    assert res["cases"]["prefill"]["hidden_out"]["rel_err"] > 100 * TOLERANCES[("trt_network_shadow", "fp32")]
+    idx = copy.deepcopy(model)
+    with torch.no_grad():
+        idx.model.language_model.layers[1].self_attn.indexer.q_proj.weight.neg_()
+    res = check_component(model, "layer_1", dtype="fp32", max_seq_len=T, max_batch=BATCH, reference=idx)
+    assert not res["ok"] and "chunk/block_idx: differs" in failures(res)
+    assert res["cases"]["chunk"]["idx_cache_out"]["rel_err"] <= TOLERANCES[("trt_network_shadow", "fp32")]
 
 
 def test_shadow_embedding_and_head(trt, model):
