@@ -59,7 +59,9 @@ def reference_kernels(module: torch.nn.Module) -> Iterator[None]:
             m.kernels = k
 
 
-def _layer_feeds(cfg, sparse: bool, dtype: torch.dtype, B: int, T: int, start: int, S: int, gen):
+def layer_feeds(cfg, sparse: bool, dtype: torch.dtype, B: int, T: int, start: int, S: int, gen):
+    """Seeded inputs of one decoder-layer component: ``S`` new tokens at ``start`` over a ``T``-slot cache
+    (slots past ``start + S`` zero, like a real cache); returns (feeds, the indexer cache without its head axis)."""
     x = torch.randn(B, S, cfg.hidden_size, generator=gen).to(dtype)
     pos = (torch.arange(S) + start)[None].expand(B, S).contiguous()
     kc = torch.randn(B, cfg.num_key_value_heads, T, cfg.head_dim, generator=gen).to(dtype)
@@ -93,7 +95,7 @@ def _pairs(model, reference, name: str, dtype: str, max_seq_len: int, B: int) ->
     index = int(name.removeprefix("layer_"))
     comp = C.DecoderLayerComponent(reference, index)
     for case, start, S in cases(max_seq_len):
-        feeds, ic = _layer_feeds(cfg, comp.sparse, tdt, B, max_seq_len, start, S, gen)
+        feeds, ic = layer_feeds(cfg, comp.sparse, tdt, B, max_seq_len, start, S, gen)
         with reference_kernels(comp):
             ref = comp(feeds["hidden"], feeds["position_ids"], feeds["k_cache"].clone(), feeds["v_cache"].clone(),
                        ic.clone() if comp.sparse else None)

@@ -99,18 +99,9 @@ def test_wrong_head_count_fails_clearly_and_a_dead_worker_is_replaced(trt, model
 # -- shadow parity: the same network-writing calls, interpreted in torch -------------------------
 
 def _feeds(cfg, sparse, dtype, start, S, gen, B=2):
-    x = torch.randn(B, S, cfg.hidden_size, generator=gen).to(dtype)
-    pos = (torch.arange(S) + start)[None].expand(B, S).contiguous()
-    kc = torch.randn(B, cfg.num_key_value_heads, T, cfg.head_dim, generator=gen).to(dtype)
-    vc = torch.randn(B, cfg.num_key_value_heads, T, cfg.head_dim, generator=gen).to(dtype)
-    ic = torch.randn(B, T, cfg.index_head_dim, generator=gen).to(dtype)
-    for c in (kc, vc):
-        c[:, :, start + S:] = 0  # unwritten slots hold zeros, like a real cache
-    ic[:, start + S:] = 0
-    feeds = dict(hidden=x, position_ids=pos, k_cache=kc, v_cache=vc)
-    if sparse:
-        feeds["idx_cache"] = ic[:, None].clone()
-    return feeds, ic
+    from m3_trt.export.tensorrt.network_check import layer_feeds
+
+    return layer_feeds(cfg, sparse, dtype, B, T, start, S, gen)
 
 
 def _compare(model, layer, dtype_name, feeds, ic):
