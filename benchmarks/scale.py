@@ -56,6 +56,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from convert_throughput import evict  # sibling benchmark (run as `python benchmarks/scale.py`): one page-cache eviction
+
 GB = 1e9
 GIB = 1 << 30
 # Runs argv[1:] and prints its peak RSS (KiB). The build is the child of this small process: a
@@ -163,16 +165,6 @@ def depth_part(tmp: Path, a) -> dict:
 
 
 # -- part 2: full width -------------------------------------------------------------------------
-
-def evict(paths) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
 
 def piece_ranges(ckpt: Path, pieces: list[str]) -> list[tuple[Path, int, int]]:
     """The byte ranges (file, begin, end) of the pieces' tensors and scales, in file order."""

@@ -152,6 +152,14 @@ class _TorchLayer:
         return h.float(), block_idx
 
 
+def _read_manifest(folder: Path, name: str, what: str) -> dict:
+    """``folder/name`` as JSON, or the ``--backend-path`` error naming what the folder should have been."""
+    mf = Path(folder) / name
+    if not mf.is_file():
+        raise ValueError(f"--backend-path {folder}: no {name} (not {what})")
+    return json.loads(mf.read_text())
+
+
 class OnnxPieces:
     """An ``m3-trt export`` folder in ONNX Runtime: small components' sessions, one layer session at a time."""
 
@@ -161,10 +169,7 @@ class OnnxPieces:
         from m3_trt.export.onnx.runtime import layer_model, session_options
 
         self.dir = Path(export_dir)
-        mf = self.dir / "manifest.json"
-        if not mf.is_file():
-            raise ValueError(f"--backend-path {export_dir}: no manifest.json (not an `m3-trt export` folder)")
-        self.manifest = json.loads(mf.read_text())
+        self.manifest = _read_manifest(export_dir, "manifest.json", "an `m3-trt export` folder")
         if self.manifest["dtype"] != dtype:
             raise ValueError(f"the export at {export_dir} is {self.manifest['dtype']}, the comparison asked for "
                              f"{dtype}")
@@ -317,10 +322,7 @@ class ShardedPieces:
 
     def __init__(self, build_dir: Path, dtype: str = "fp32"):
         self.dir = Path(build_dir)
-        mf = self.dir / "build.json"
-        if not mf.is_file():
-            raise ValueError(f"--backend-path {build_dir}: no build.json (not an `m3-trt build-engine` output)")
-        manifest = json.loads(mf.read_text())
+        manifest = _read_manifest(build_dir, "build.json", "an `m3-trt build-engine` output")
         self.cfg = M3Config.from_dict(manifest["config"])
         self.layout = Layout(**manifest["layout"])
         built = manifest["target"]["dtype"]
